@@ -1,0 +1,424 @@
+"""Configs: YAML with ``extends:`` inheritance, CLI overrides, strict typed parsing, schedules.
+
+A config file is YAML read by omegaconf (so ``${a.b}`` interpolation and the resolvers below
+work). ``extends: base.yaml`` (or a list) merges the named files first, paths relative to the
+file that names them. Every registered class nests a ``Config`` dataclass; :func:`parse_structured`
+turns a mapping into it strictly: an unknown key or a wrong type is a :class:`ConfigError` that
+names the key path, the file that set it, and what would be valid.
+
+Any field annotated :data:`Scheduled` (or :data:`ScheduledInt`) may be a number or a schedule of
+the global step:
+
+* ``[start_step, start_value, end_value, end_step]``: constant, then linear, then constant;
+* ``[[step0, value0], [step1, value1], ...]``: piecewise linear through the points;
+* ``{points: [[step, value], ...], interp: linear | step | exp}``: ``step`` holds each value
+  until the next point, ``exp`` interpolates geometrically (learning rates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CLI_SOURCE = "the command line"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key, the file and what is valid."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolvers recipes use inside ${...}
+
+
+def _register_resolvers() -> None:
+    resolvers = {
+        "add": lambda a, b: a + b,
+        "sub": lambda a, b: a - b,
+        "mul": lambda a, b: a * b,
+        "div": lambda a, b: a / b,
+        "idiv": lambda a, b: a // b,
+        "min": lambda a, b: min(a, b),
+        "max": lambda a, b: max(a, b),
+        # rate r such that lr * r**n == lr * factor, for ExponentialLR over n steps
+        "exp_decay_rate": lambda factor, n: factor ** (1.0 / n),
+        "basename": lambda p: Path(p).name,
+        "rmspace": lambda s, sub="_": str(s).replace(" ", sub),
+    }
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            register(name, fn)
+
+
+_register_resolvers()
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+
+
+class Scheduled(float):
+    """Annotation marker: a float field that may also be a schedule of the global step."""
+
+
+class ScheduledInt(int):
+    """Annotation marker: an int field that may also be a schedule (values are rounded)."""
+
+
+class Schedule:
+    """A value that changes with the global step (see the module docstring for the YAML forms)."""
+
+    INTERPS = ("linear", "step", "exp")
+
+    def __init__(self, points: list[tuple[int, float]], interp: str = "linear", integer: bool = False):
+        if interp not in self.INTERPS:
+            raise ConfigError(f"schedule interp {interp!r} is not one of {', '.join(self.INTERPS)}")
+        if not points:
+            raise ConfigError("a schedule needs at least one [step, value] point")
+        steps = [p[0] for p in points]
+        if any(b < a for a, b in zip(steps, steps[1:])):
+            raise ConfigError(f"schedule steps must not decrease: {steps}")
+        if interp == "exp" and any(v <= 0 for _, v in points):
+            raise ConfigError("an 'exp' schedule needs positive values")
+        self.points = [(int(s), float(v)) for s, v in points]
+        self.interp = interp
+        self.integer = integer
+
+    def __call__(self, step: int) -> float:
+        pts = self.points
+        if step <= pts[0][0]:
+            v = pts[0][1]
+        elif step >= pts[-1][0]:
+            v = pts[-1][1]
+        else:
+            for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+                if s0 <= step < s1:
+                    break
+            t = (step - s0) / max(s1 - s0, 1)
+            if self.interp == "step":
+                v = v0
+            elif self.interp == "exp":
+                v = math.exp(math.log(v0) + t * (math.log(v1) - math.log(v0)))
+            else:
+                v = v0 + t * (v1 - v0)
+        return int(round(v)) if self.integer else v
+
+    def to_yaml(self) -> Any:
+        return {"points": [list(p) for p in self.points], "interp": self.interp}
+
+    def __repr__(self) -> str:
+        return f"Schedule({self.points}, interp={self.interp!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and (self.points, self.interp) == (other.points, other.interp)
+
+    @classmethod
+    def parse(cls, value: Any, integer: bool = False) -> "float | int | Schedule":
+        """A number stays a number; the list and dict forms become a Schedule. Raises ValueError."""
+        num = (int, float)
+        if isinstance(value, bool):
+            raise ValueError("expected a number or a schedule, got a bool")
+        if isinstance(value, num):
+            return int(value) if integer else float(value)
+        if isinstance(value, Schedule):
+            return value
+        interp = "linear"
+        if isinstance(value, dict):
+            extra = set(value) - {"points", "interp"}
+            if extra or "points" not in value:
+                raise ValueError("a schedule mapping has keys 'points' (list of [step, value]) and 'interp'")
+            interp = value.get("interp", "linear")
+            value = value["points"]
+        if isinstance(value, (list, tuple)):
+            if len(value) == 4 and all(isinstance(v, num) and not isinstance(v, bool) for v in value):
+                s0, v0, v1, s1 = value
+                if s1 < s0:
+                    raise ValueError(f"schedule [start_step, start_value, end_value, end_step] has end < start: {value}")
+                return cls([(s0, v0), (s1, v1)], interp, integer)
+            if value and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, num) for x in p) for p in value
+            ):
+                return cls([tuple(p) for p in value], interp, integer)
+        raise ValueError(
+            "expected a number or a schedule: [start_step, start_value, end_value, end_step], "
+            "[[step, value], ...] or {points: [[step, value], ...], interp: linear|step|exp}"
+        )
+
+
+def C(value: Any, global_step: int) -> Any:
+    """The value of a (possibly scheduled) config field at ``global_step``."""
+    return value(global_step) if isinstance(value, Schedule) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading YAML with provenance
+
+
+class Provenance:
+    """Which file set each key path; longest-prefix lookup so errors can name the file."""
+
+    def __init__(self) -> None:
+        self._src: dict[str, str] = {}
+
+    def record(self, node: Any, source: str, prefix: str = "") -> None:
+        if prefix:
+            self._src[prefix] = source
+        if isinstance(node, (dict, DictConfig)):
+            for k, v in node.items():
+                self.record(v, source, f"{prefix}.{k}" if prefix else str(k))
+
+    def source(self, key_path: str) -> str | None:
+        parts = key_path.split(".")
+        for n in range(len(parts), 0, -1):
+            src = self._src.get(".".join(parts[:n]))
+            if src is not None:
+                return src
+        return None
+
+    def describe(self, key_path: str) -> str:
+        src = self.source(key_path)
+        return f" (set in {src})" if src else ""
+
+
+def _load_file(path: Path, prov: Provenance, chain: tuple[Path, ...]) -> DictConfig:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in chain + (path,))
+        raise ConfigError(f"config 'extends' makes a cycle: {cycle}")
+    if not path.is_file():
+        who = f" (named by 'extends' in {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file {path} does not exist{who}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry line numbers; keep them
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got a list")
+    ext = node.pop("extends", None) if "extends" in node else None
+    merged = OmegaConf.create({})
+    if ext is not None:
+        bases = [ext] if isinstance(ext, str) else list(ext) if isinstance(ext, ListConfig) else None
+        if bases is None or not all(isinstance(b, str) for b in bases):
+            raise ConfigError(f"'extends' in {path} must be a file path or a list of paths, got {ext!r}")
+        for base in bases:
+            merged = OmegaConf.merge(merged, _load_file(path.parent / base, prov, chain + (path,)))
+    prov.record(OmegaConf.to_container(node, resolve=False), str(path))
+    return OmegaConf.merge(merged, node)  # type: ignore[return-value]
+
+
+# Shorthand CLI keys that set a top-level field (the recipe interpolates them where needed).
+SHORTHANDS = ("prompt", "image", "tag", "seed", "resume", "exp_root_dir", "name")
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``a.b.c=value`` strings to a config; values are parsed as YAML (``x=1e-3``, ``l=[1,2]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command-line override {item!r} must look like key=value (e.g. prompt=\"a red cube\")")
+        key = item.split("=", 1)[0]
+        if not key or key.startswith(".") or key.endswith("."):
+            raise ConfigError(f"command-line override {item!r} has an empty key")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[DictConfig, Provenance]:
+    """Load ``path`` with its ``extends`` chain and apply ``key=value`` overrides (unresolved)."""
+    prov = Provenance()
+    cfg = _load_file(Path(path), prov, ())
+    if overrides:
+        cli = parse_overrides(overrides)
+        prov.record(OmegaConf.to_container(cli, resolve=False), CLI_SOURCE)
+        cfg = OmegaConf.merge(cfg, cli)  # type: ignore[assignment]
+    return cfg, prov  # type: ignore[return-value]
+
+
+def resolve(cfg: DictConfig, prov: Provenance | None = None) -> dict:
+    """Resolve interpolations into a plain dict, turning resolver errors into ConfigErrors."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception as exc:
+        key = getattr(exc, "full_key", "") or ""
+        where = prov.describe(key) if (prov and key) else ""
+        raise ConfigError(f"cannot resolve config key '{key}'{where}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict parsing into dataclasses
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Scheduled:
+        return "number or schedule"
+    if tp is ScheduledInt:
+        return "integer or schedule"
+    if tp is Any:
+        return "any"
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple, dict):
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)
+        return f"{origin.__name__}[{args}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _valid_keys_msg(cls: type, bad: str) -> str:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(bad, names, n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{hint} Valid keys: {', '.join(names) if names else '(none)'}."
+
+
+def parse_structured(cls: type, cfg: Any, *, key: str = "", prov: Provenance | None = None, owner: str = "") -> Any:
+    """Build dataclass ``cls`` from ``cfg`` (mapping or None), strictly.
+
+    ``key`` is the key path of ``cfg`` in the whole config, for error messages; ``owner``
+    names what the config belongs to (a registry name), also for messages.
+    """
+    if isinstance(cfg, cls):
+        return cfg
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if cfg is None:
+        cfg = {}
+    return _convert(cls, cfg, key, prov, owner)
+
+
+def _convert(tp: Any, value: Any, key: str, prov: Provenance | None, owner: str) -> Any:
+    where = prov.describe(key) if prov else ""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(
+            f"config key '{key or '<root>'}'{where}: expected {expected}, got {value!r} ({type(value).__name__})"
+        )
+
+    if tp is Any or tp is object:
+        return value
+    if tp is Scheduled or tp is ScheduledInt:
+        try:
+            return Schedule.parse(value, integer=tp is ScheduledInt)
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"config key '{key}'{where}: {exc}; got {value!r}") from None
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise fail(f"a mapping of {tp.__qualname__} fields")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        kwargs = {}
+        for k, v in value.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in fields:
+                what = f" for {owner}" if owner else ""
+                raise ConfigError(
+                    f"unknown config key '{sub}'{prov.describe(sub) if prov else ''}{what}."
+                    + _valid_keys_msg(tp, str(k))
+                )
+            kwargs[k] = _convert(hints[k], v, sub, prov, owner)
+        missing = [
+            n
+            for n, f in fields.items()
+            if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ConfigError(
+                f"config '{key or '<root>'}'{where} is missing required key(s): {', '.join(missing)}"
+                + (f" for {owner}" if owner else "")
+            )
+        return tp(**kwargs)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, key, prov, owner)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise fail(_type_name(tp))
+    if origin is Literal:
+        if value in args:
+            return value
+        raise fail(_type_name(tp))
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail(_type_name(tp))
+        item = args[0] if args else Any
+        return [_convert(item, v, f"{key}[{i}]", prov, owner) for i, v in enumerate(value)]
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail(_type_name(tp))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{key}[{i}]", prov, owner) for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise fail(f"{len(args)} items: {_type_name(tp)}")
+        its = args or [Any] * len(value)
+        return tuple(_convert(a, v, f"{key}[{i}]", prov, owner) for i, (a, v) in enumerate(zip(its, value)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        vt = args[1] if len(args) == 2 else Any
+        return {k: _convert(vt, v, f"{key}.{k}", prov, owner) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail("a string")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise fail(_type_name(tp))
+
+
+def to_yaml_data(obj: Any) -> Any:
+    """A parsed config (dataclasses, schedules) back into plain YAML-able data."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_yaml_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Schedule):
+        return obj.to_yaml()
+    if isinstance(obj, dict):
+        return {k: to_yaml_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_yaml_data(v) for v in obj]
+    return obj
+
+
+def merge_dicts(base: dict | None, over: dict | None) -> dict:
+    """Recursive merge of plain dicts (``over`` wins); neither argument is changed."""
+    out = dict(base or {})
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = v
+    return out
+

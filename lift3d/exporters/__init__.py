@@ -1,0 +1,1 @@
+"""lift3d.exporters."""
