@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -176,7 +177,8 @@ class Provenance:
                 self.record(v, source, f"{prefix}.{k}" if prefix else str(k))
 
     def source(self, key_path: str) -> str | None:
-        parts = key_path.split(".")
+        # List items (stages[1]) are recorded at the list's key.
+        parts = re.sub(r"\[\d+\]", "", key_path).split(".")
         for n in range(len(parts), 0, -1):
             src = self._src.get(".".join(parts[:n]))
             if src is not None:

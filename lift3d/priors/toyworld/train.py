@@ -1,0 +1,206 @@
+"""Training of the toy-world prior: reproducible from a seed, resumable, CPU-friendly.
+
+Every random choice of step ``k`` (the batch order, timesteps, noise, the text drop) comes from
+generators seeded by (seed, k), so an interrupted run resumed from its checkpoint ends with the
+same weights as an uninterrupted one. The checkpoint (``ckpt.pt``: model, EMA, optimizer, step)
+is written atomically and loaded with ``weights_only=True``. The final EMA weights are written as
+safetensors, the format the package ships.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lift3d.config import parse_structured
+from lift3d.priors.toyworld.model import ToyPriorConfig, ToyWorldPrior, make_scheduler
+from lift3d.utils.checkpoint import atomic_torch_save
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    """Seed of the data, the initialisation and every step's noise."""
+    steps: int = 12000
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Images per step."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW), after a linear warm-up, cosine-decayed to 10%."""
+    warmup_steps: int = 300
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average whose weights are saved."""
+    min_snr_gamma: Optional[float] = 5.0
+    """Min-SNR loss weighting (Hang et al. 2023); null for plain MSE."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    num_samples: int = 20000
+    """Training images, rendered once (and cached under cache_dir)."""
+    cache_dir: Optional[str] = None
+    """Where rendered training images are cached (default: ~/.cache/lift3d/toyworld)."""
+    out_dir: str = "outputs/toyworld-prior"
+    """Checkpoints, sample grids and the final safetensors file."""
+    ckpt_every: int = 200
+    """Steps between checkpoints."""
+    sample_every: int = 1000
+    """Steps between sample grids (0: never)."""
+    log_every: int = 50
+    """Steps between log lines written to train_log.csv."""
+    threads: Optional[int] = None
+    """torch threads (default: torch's choice)."""
+    stop_after: Optional[int] = None
+    """Stop this invocation after so many steps (checkpointing there); run again to continue. For
+    training in slices of machine time: the result equals one uninterrupted run."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """ToyPriorConfig overrides."""
+
+
+def _step_generator(seed: int, step: int, tag: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + tag * 104_729) % (2**63 - 1))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def diffusion_loss(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tensor], g: torch.Generator,
+                   min_snr_gamma: float | None) -> torch.Tensor:
+    """The denoising loss on one batch, all randomness drawn from ``g``."""
+    x0 = batch["image"]
+    B = x0.shape[0]
+    t = torch.randint(0, model.cfg.num_train_timesteps, (B,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    drop = torch.rand(B, generator=g) < model.cfg.p_uncond
+    x_t = sched.add_noise(x0, noise, t)
+    out = model(x_t, t, batch["tokens"], batch["camera"], drop)
+    target = noise if model.cfg.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+    per = F.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        a = sched.alphas_cumprod[t]
+        snr = a / (1 - a)
+        w = snr.clamp(max=min_snr_gamma) / (snr + 1 if model.cfg.prediction_type == "v_prediction" else snr)
+        per = per * w
+    return per.mean()
+
+
+def build_dataset(cfg: TrainConfig, resolution: int) -> Any:
+    from lift3d.priors.toyworld.data import ToyWorldDataset
+
+    cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lift3d", "toyworld")
+    return ToyWorldDataset(batch_size=cfg.batch_size, seed=cfg.seed, resolution=resolution,
+                           num_samples=cfg.num_samples, cache_dir=cache, shuffle=True, drop_last=True)
+
+
+def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
+    """Train (or resume) in ``cfg.out_dir``; returns the path of the final safetensors file."""
+    from lift3d.priors.toyworld.vocab import VOCAB
+
+    cfg = parse_structured(TrainConfig, cfg, key="train")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = ToyWorldPrior(parse_structured(ToyPriorConfig, {"vocab_size": len(VOCAB), **cfg.model}))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = make_scheduler(model.cfg, "ddpm")
+    step = 0
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        step = int(ck["step"])
+        print(f"[toyworld] resuming from {ckpt_path} at step {step}")
+    ds = build_dataset(cfg, model.cfg.resolution)
+    n_batches = len(ds)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="toyworld prior", dynamic_ncols=True)
+    log = open(out / "train_log.csv", "a")
+    if step == 0:
+        log.write("step,loss,lr,seconds\n")
+    t_start, losses = time.time(), []
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
+    try:
+        while step < end:
+            ds.set_epoch(step // n_batches)
+            batch = ds.batch(step % n_batches)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            loss = diffusion_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.min_snr_gamma)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss at step {step}; last checkpoint: {ckpt_path}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                d = min(cfg.ema_decay, (1 + step) / (10 + step))
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - d)
+                for be, bm in zip(ema.buffers(), model.buffers()):
+                    be.copy_(bm)
+            step += 1
+            losses.append(float(loss))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr_at(cfg, step - 1):.2e}")
+            if step % cfg.log_every == 0:
+                log.write(f"{step},{sum(losses) / len(losses):.6f},{lr_at(cfg, step - 1):.3e},"
+                          f"{time.time() - t_start:.1f}\n")
+                log.flush()
+                losses = []
+            if step % cfg.ckpt_every == 0 or step == end:
+                atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
+                                   "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg)}, ckpt_path)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                save_sample_grid(ema, out / f"samples-{step:06d}.png", seed=cfg.seed)
+    finally:
+        log.close()
+        if bar is not None:
+            bar.close()
+    name = "toyworld.safetensors" if step >= cfg.steps else f"toyworld-step{step}.safetensors"
+    final = ema.save(out / name, {"train_steps": str(step), "train_seed": str(cfg.seed)})
+    print(f"[toyworld] weights after {step}/{cfg.steps} steps: {final}")
+    return final
+
+
+def save_sample_grid(model: ToyWorldPrior, path: Path, seed: int = 0, steps: int = 25) -> Path:
+    """One row per prompt subset, four azimuths each: a quick look at what the prior learned."""
+    from lift3d.priors.toyworld.data import camera_vector
+    from lift3d.priors.toyworld.model import sample
+    from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
+    from lift3d.utils.io import image_grid, save_image
+
+    prompts = ["a red cube", "a blue sphere", "a green torus", "a snowman", "a chair", "a mug"]
+    az = torch.tensor([0.0, 90.0, 180.0, 270.0])
+    toks, cams = [], []
+    for p in prompts:
+        for a in az:
+            toks.append(tokenize(p))
+            cams.append(camera_vector(torch.tensor([20.0]), a[None], torch.tensor([2.0]))[0])
+    was_training = model.training
+    imgs = sample(model.eval(), pad_tokens(toks), torch.stack(cams), steps=steps,
+                  generator=torch.Generator().manual_seed(seed))
+    model.train(was_training)
+    rows = [[imgs[i * 4 + j].permute(1, 2, 0).cpu().numpy() for j in range(4)] for i in range(len(prompts))]
+    return save_image(path, image_grid(rows))
