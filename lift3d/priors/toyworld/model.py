@@ -45,7 +45,7 @@ class ToyPriorConfig:
     """Image side at the interface (the UNet runs at resolution / space_to_depth)."""
     space_to_depth: int = 2
     """Pixel-unshuffle factor before the UNet."""
-    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
+    block_out_channels: list[int] = field(default_factory=lambda: [48, 96, 96])
     """UNet widths per level."""
     layers_per_block: int = 1
     """ResNet layers per UNet level."""
