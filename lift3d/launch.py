@@ -193,6 +193,14 @@ def run(argv: list[str] | None = None) -> int:
     trial = _checkpoint_trial_dir(resume) if resume is not None else None
     if trial is None:
         trial = trial_dir_for(cfg, time.strftime("%Y%m%d-%H%M%S"))
+    # Build everything before touching the disk: a config error leaves no empty trial folder.
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    system = find(cfg.system_type, "system")(cfg.system, cfg_key="system", prov=prov, seed=cfg.seed,
+                                             save_dir=trial / "save")
+    system.verbose = args.verbose
+    stage_plan = [(start, dict(st.data)) for start, st in zip(system.stage_starts(), system.cfg.stages)]
+    dm = find(cfg.data_type, "data")(cfg.data, cfg_key="data", prov=prov, seed=cfg.seed, stage_plan=stage_plan)
+
     for sub in ("configs", "ckpts", "save", "logs"):
         (trial / sub).mkdir(parents=True, exist_ok=True)
     if args.train:
@@ -201,13 +209,6 @@ def run(argv: list[str] | None = None) -> int:
         parsed["name"] = cfg.name
         parsed["resume"] = None
         (trial / "configs" / "parsed.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(parsed)))
-
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    system = find(cfg.system_type, "system")(cfg.system, cfg_key="system", prov=prov, seed=cfg.seed,
-                                             save_dir=trial / "save")
-    system.verbose = args.verbose
-    stage_plan = [(start, dict(st.data)) for start, st in zip(system.stage_starts(), system.cfg.stages)]
-    dm = find(cfg.data_type, "data")(cfg.data, cfg_key="data", prov=prov, seed=cfg.seed, stage_plan=stage_plan)
 
     accelerator = pick_accelerator(args.device)
     devices: Any = "auto"
@@ -261,7 +262,7 @@ def run(argv: list[str] | None = None) -> int:
         if ckpt_cb.interrupted:
             print(f"[lift3d] interrupted: continue with resume={ckpt_cb.last_path}")
             return 130
-        trainer.test(system, datamodule=dm, verbose=False)
+        trainer.test(system, datamodule=dm, verbose=False, weights_only=True)
         _export(system, trial)
     elif args.validate:
         trainer.validate(system, datamodule=dm, ckpt_path=ckpt_path, verbose=False, weights_only=True)

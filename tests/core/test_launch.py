@@ -68,6 +68,7 @@ def test_bad_inputs_fail_with_clear_errors(tmp_path, tiny_recipe):
              f"exp_root_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="unknown flag"):
         run(["--config", str(tiny_recipe), "--train", "--gpus", "0"])
+    assert not (tmp_path / "tiny-test").exists()  # a bad config leaves no empty trial folder
 
 
 def test_cli_main_exit_codes(tmp_path, tiny_recipe, capsys):
