@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 demo: $(STAMP)
 	$(BIN)/python launch.py --config $(DEMO_CONFIG) --train prompt="$(PROMPT)"

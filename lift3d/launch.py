@@ -179,7 +179,6 @@ def run(argv: list[str] | None = None) -> int:
     cfg, raw, prov = load_experiment(args.config, extras, args.seed)
 
     import lightning.pytorch as pl
-    import torch
     from omegaconf import OmegaConf
 
     from lift3d.utils.checkpoint import AtomicCheckpointIO, LastCheckpoint, Lift3DProgressBar
@@ -223,13 +222,13 @@ def run(argv: list[str] | None = None) -> int:
         devices = 1
     max_steps = system.total_steps or cfg.trainer.max_steps
     ckpt_cb = LastCheckpoint(trial / "ckpts", cfg.checkpoint.every_n_train_steps, cfg.checkpoint.keep_all)
-    try:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        import tensorboard  # noqa: F401
-
         logger: Any = TensorBoardLogger(save_dir=str(trial), name="logs", version="", default_hp_metric=False)
-    except ImportError:
+    else:
         from lightning.pytorch.loggers import CSVLogger
 
         logger = CSVLogger(save_dir=str(trial), name="logs", version="")
@@ -254,6 +253,8 @@ def run(argv: list[str] | None = None) -> int:
         enable_model_summary=args.verbose,
         plugins=[AtomicCheckpointIO()],
         deterministic=False,
+        # no_grad rather than inference_mode: inference tensors break caches keyed on tensor versions
+        inference_mode=False,
     )
     ckpt_path = str(resume) if resume is not None else None
     print(f"[lift3d] trial folder: {trial}")

@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 
 os.environ.setdefault("LIFT3D_TEST", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per test process: `make test` runs one process per core (pytest-xdist), and small
+# tensor ops on two contending threads are much slower than on one.
+torch.set_num_threads(1)
 
 from lift3d.backgrounds.base import BaseBackground  # noqa: E402
 from lift3d.config import Scheduled  # noqa: E402

@@ -187,7 +187,6 @@ def bin_gaussians(means2d: Tensor, depths: Tensor, radii: Tensor, height: int, w
     wx = (x1 - x0).reshape(-1)
     cnt = (wx * (y1 - y0).reshape(-1)).clamp_min(0)  # [B*N]
     total = int(cnt.sum())
-    P = tile_size * tile_size
     # Tile-local coordinates keep the expanded quadratic form well conditioned in float32.
     jj = torch.arange(tile_size, device=dev, dtype=means2d.dtype) + 0.5 - 0.5 * tile_size
     iy, ix = torch.meshgrid(jj, jj, indexing="ij")

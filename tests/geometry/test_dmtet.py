@@ -17,14 +17,6 @@ from lift3d.renderers.rasterize_ops import rasterize
 from lift3d.utils.cameras import make_cameras
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Intra-op threads spin against each other on a busy shared CPU; one thread is fastest here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _dmtet(**cfg):
     base = {"isosurface_resolution": 24}

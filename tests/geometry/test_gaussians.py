@@ -16,14 +16,6 @@ from lift3d.utils.cameras import make_cameras
 from lift3d.utils.mesh import Mesh
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Small tensor ops on a shared, busy CPU run ~10x slower when torch's threads contend for cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _adam(geo, lr=0.01):
     return torch.optim.Adam([{"params": [getattr(geo, n)], "name": f"geometry.{n}", "lr": lr} for n in PARAM_NAMES])

@@ -10,15 +10,6 @@ import trimesh
 from lift3d.registry import find
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Intra-op threads spin against each other on a busy shared CPU (40x slower measured); these
-    # tests use small tensors, so one thread is also the fastest on an idle machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _box(tmp_path, name, extents, offset=(0.0, 0.0, 0.0)):
     m = trimesh.creation.box(extents)

@@ -18,15 +18,6 @@ from lift3d.utils.cameras import make_cameras
 from lift3d.utils.mesh import Mesh
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Intra-op threads spin against each other on a busy shared CPU (40x slower measured); these
-    # tests use small tensors, so one thread is also the fastest on an idle machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class _SphereGeometry(BaseGeometry):
     """An icosphere with learnable vertex offsets; features = position (so colour varies)."""

@@ -13,15 +13,6 @@ from lift3d.renderers.rasterize_ops import antialias, interpolate, rasterize, te
 from lift3d.utils.cameras import make_cameras
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Intra-op threads spin against each other on a busy shared CPU (40x slower measured); these
-    # tests use small tensors, so one thread is also the fastest on an idle machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _clip(mvp: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     vh = torch.cat([v, torch.ones_like(v[:, :1])], -1)

@@ -13,14 +13,6 @@ from lift3d.renderers.splatting import GaussianSplattingRenderer, project_gaussi
 from lift3d.utils.cameras import focal_from_fovy, make_cameras
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Small tensor ops on a shared, busy CPU run ~10x slower when torch's threads contend for cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _cams(B, H, W, dist=2.5, fovy=40.0, elev=15.0, az0=0.0, az1=90.0, dtype=torch.float64):
     c = make_cameras(torch.full((B,), elev), torch.linspace(az0, az1, B), torch.full((B,), dist),

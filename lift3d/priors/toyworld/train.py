@@ -160,7 +160,7 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr_at(cfg, step - 1):.2e}")

@@ -1,0 +1,161 @@
+"""Hash-grid field throughput: lift3d's vectorised torch encoding vs a naive per-level reference.
+
+Prints, for 8 and 16 levels (table 2^15, 2 features per level), forward and forward+backward
+throughput in points/s (median of 5 runs) for both implementations, the speed-up, and the peak
+resident-memory growth of each measured in a fresh subprocess. Timings on a shared machine are
+indicative only.
+
+    python bench/fields.py [--points 65536] [--threads 1] [--log2-table 15] [--no-memory]
+
+Peak memory is the growth of the process's peak RSS over one forward+backward (Linux
+/proc/self/clear_refs + VmHWM), measured in a spawned subprocess per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from lift3d.geometry.encodings import HashGridEncoding
+
+PRIMES = (1, 2654435761, 805459861)
+
+
+class NaiveHashGrid(nn.Module):
+    """The textbook version: a Python loop over levels, 8 corner lookups each, autograd backward."""
+
+    def __init__(self, n_levels: int, n_features: int = 2, log2_table: int = 15, base_res: int = 16,
+                 per_level_scale: float = 1.447269237440378) -> None:
+        super().__init__()
+        self.T = 1 << log2_table
+        self.scales = [base_res * per_level_scale**lv - 1.0 for lv in range(n_levels)]
+        self.tables = nn.ParameterList(
+            nn.Parameter(torch.empty(self.T, n_features).uniform_(-1e-4, 1e-4)) for _ in range(n_levels)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for scale, table in zip(self.scales, self.tables):
+            pos = x * scale + 0.5
+            cell = pos.floor()
+            frac = pos - cell
+            ci = cell.long()
+            out = 0.0
+            for corner in range(8):
+                bits = [(corner >> d) & 1 for d in range(3)]
+                c = [ci[:, d] + bits[d] for d in range(3)]
+                idx = ((c[0] * PRIMES[0]) ^ (c[1] * PRIMES[1]) ^ (c[2] * PRIMES[2])) % self.T
+                w = torch.ones_like(frac[:, 0])
+                for d in range(3):
+                    w = w * (frac[:, d] if bits[d] else 1.0 - frac[:, d])
+                out = out + w[:, None] * table[idx]
+            feats.append(out)
+        return torch.cat(feats, dim=-1)
+
+
+def build(kind: str, n_levels: int, log2_table: int) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "naive":
+        return NaiveHashGrid(n_levels, log2_table=log2_table)
+    return HashGridEncoding(n_levels=n_levels, log2_hashmap_size=log2_table)
+
+
+def time_it(fn, runs: int = 5) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def measure(enc: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    def fwd():
+        with torch.no_grad():
+            enc(x)
+
+    def fwd_bwd():
+        out = enc(x)
+        out.backward(torch.ones_like(out))
+
+    return x.shape[0] / time_it(fwd), x.shape[0] / time_it(fwd_bwd)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _memory_child(kind: str, n_levels: int, log2_table: int, n_points: int, threads: int, q) -> None:
+    torch.set_num_threads(threads)
+    enc = build(kind, n_levels, log2_table)
+    x = torch.rand(n_points, 3)
+    try:  # reset the peak-RSS mark so import-time peaks do not hide ours (Linux)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = _status_kib("VmRSS")
+        out = enc(x)
+        out.backward(torch.ones_like(out))
+        q.put((_status_kib("VmHWM") - before) / 1024.0)
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = enc(x)
+        out.backward(torch.ones_like(out))
+        q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0)
+
+
+def peak_memory_mib(kind: str, n_levels: int, log2_table: int, n_points: int, threads: int) -> float:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_memory_child, args=(kind, n_levels, log2_table, n_points, threads, q))
+    p.start()
+    val = q.get()
+    p.join()
+    return val
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--points", type=int, default=65536)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (0: torch default); 1 by default because intra-op threads "
+                         "collapse on a shared 2-core box")
+    ap.add_argument("--log2-table", type=int, default=15)
+    ap.add_argument("--no-memory", action="store_true")
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    x = torch.rand(args.points, 3)
+    print(f"hash grid, {args.points} points, table 2^{args.log2_table}, 2 features/level, {threads} torch thread(s)")
+    print("timings are medians of 5 runs on a possibly shared machine: indicative only\n")
+    header = f"{'levels':>6} {'impl':>8} {'fwd Mpts/s':>11} {'fwd+bwd Mpts/s':>15} {'speed-up':>9} {'peak RSS +MiB':>14}"
+    print(header)
+    print("-" * len(header))
+    for n_levels in (8, 16):
+        res = {}
+        for kind in ("naive", "lift3d"):
+            enc = build(kind, n_levels, args.log2_table)
+            res[kind] = measure(enc, x)
+            del enc
+        for kind in ("naive", "lift3d"):
+            f, fb = res[kind]
+            speed = fb / res["naive"][1]
+            mem = float("nan") if args.no_memory else peak_memory_mib(kind, n_levels, args.log2_table, args.points, threads)
+            mem_s = "n/a" if math.isnan(mem) else f"{mem:.1f}"
+            print(f"{n_levels:>6} {kind:>8} {f / 1e6:>11.3f} {fb / 1e6:>15.3f} {speed:>8.2f}x {mem_s:>14}")
+
+
+if __name__ == "__main__":
+    main()
