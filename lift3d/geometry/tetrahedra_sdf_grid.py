@@ -391,7 +391,7 @@ class TetrahedraSDFGrid(BaseGeometry):
             if isinstance(other, BaseImplicitGeometry):
                 pts = new.grid_vertices
                 level = torch.cat([other.forward_level(other.forward_field(p)).reshape(-1) for p in pts.split(65536)])
-                new.sdf.copy_(new._normalise_level(level.to(new.sdf)))
+                new.sdf.copy_(new.sdf_from_level(level.to(new.sdf)))
             else:
                 mesh = other.isosurface()
                 new.sdf.copy_(new.sdf_from_mesh(mesh.v_pos, mesh.t_pos_idx).to(new.sdf))
@@ -406,6 +406,23 @@ class TetrahedraSDFGrid(BaseGeometry):
             new.feature_fit_mse = fit_features(new.feature_field, other, torch.cat([surf, near, box]),
                                                new.cfg.feature_fit_steps)
         return new
+
+    def sdf_from_level(self, level: Tensor) -> Tensor:
+        """[V] SDF at the grid vertices from a signed level of another field (negative inside).
+
+        Within a cell of the surface the rescaled level is kept (sub-cell placement of the zero
+        set); farther out the distance transform of the inside/outside lattice takes over. A NeRF's
+        level (threshold - density) is flat in empty space, so rescaled alone it would leave tiny
+        positive values there that the first updates flip into floaters.
+        """
+        scaled = self._normalise_level(level).clamp(-self.cell_size, self.cell_size)
+        n = self.cfg.isosurface_resolution + 1
+        far = sdf_from_occupancy((level < 0).reshape(n, n, n), self.cell_size).reshape(-1).to(level)
+        # Vertices of tetrahedra the surface crosses keep the (sub-cell accurate) rescaled level.
+        n_in = (level[self.tets] < 0).sum(-1)
+        crossed = self.tets[(n_in > 0) & (n_in < 4)].long().reshape(-1)
+        near = torch.zeros_like(level, dtype=torch.bool).index_fill(0, crossed, True)
+        return torch.where(near, scaled, far)
 
     def _normalise_level(self, level: Tensor) -> Tensor:
         """Rescale a signed level so its slope across the surface is about 1 (an SDF's).

@@ -253,8 +253,12 @@ class BaseSystem(pl.LightningModule, Configurable):
             self.__dict__["guidance"] = self._build("guidance", idx).to(self.device)
         if self._trainer is not None and self.trainer.training:
             self.trainer.strategy.setup_optimizers(self.trainer)
-        self.print(f"[lift3d] stage {old} '{self.stages[old].name}' -> {idx} '{self.stage.name}'"
-                   + (f" (rebuilt: {', '.join(sorted(changed))})" if changed else ""))
+        msg = f"[lift3d] stage {old} '{self.stages[old].name}' -> {idx} '{self.stage.name}'" + (
+            f" (rebuilt: {', '.join(sorted(changed))})" if changed else "")
+        if self._trainer is not None:
+            self.print(msg)
+        else:  # loading a checkpoint for --export, outside any Trainer
+            print(msg)
 
     # ------------------------------------------------------------------ optimizer
 

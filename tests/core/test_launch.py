@@ -60,6 +60,20 @@ def test_modes_that_load_need_a_checkpoint_and_then_work(tmp_path, tiny_recipe):
     assert (_trial(out) / "save" / "it6-export" / "model.json").is_file()
 
 
+def test_export_from_a_checkpoint_after_a_stage_switch(tmp_path, tiny_recipe):
+    stages = ("system.stages=[{name: a, steps: 3}, {name: b, steps: 3, geometry_type: test-param-geometry-b, "
+              "geometry: {n_extra: 2}}]")
+    out = tmp_path / "out"
+    assert run(["--config", str(tiny_recipe), "--train", f"exp_root_dir={out}", stages]) == 0
+    trial = _trial(out)
+    exported = trial / "save" / "it6-export" / "model.json"
+    trained = exported.read_text()
+    exported.unlink()
+    assert run(["--config", str(trial / "configs" / "parsed.yaml"), "--export",
+                f"resume={trial / 'ckpts' / 'last.ckpt'}"]) == 0
+    assert exported.read_text() == trained
+
+
 def test_bad_inputs_fail_with_clear_errors(tmp_path, tiny_recipe):
     with pytest.raises(ConfigError, match="unknown config key 'trainer.max_step'.*command line.*max_steps"):
         run(["--config", str(tiny_recipe), "--train", "trainer.max_step=3"])

@@ -255,3 +255,27 @@ def test_surface_cube_culling_matches_full_marching_tets():
     a = fast.v_pos.detach()[fast.t_pos_idx].mean(1).sort(0).values
     b = v_full.detach()[f_full].mean(1).sort(0).values
     assert torch.allclose(a, b)
+
+
+class _DensityBall(_AnalyticSDF):
+    """A NeRF-like level: threshold - density, with density saturating inside and ~0 in empty space."""
+
+    def forward_field(self, points):
+        c = torch.tensor(self.cfg.center, dtype=points.dtype)
+        d = (points - c).norm(dim=-1, keepdim=True) - self.cfg.sphere_radius
+        return 50.0 * torch.sigmoid(-d / 0.01)  # density
+
+    def forward_level(self, field):
+        return 25.0 - field
+
+
+def test_create_from_density_field_gives_distances_far_from_the_surface():
+    geo = find("tetrahedra-sdf-grid").create_from(_DensityBall(), {"isosurface_resolution": 24, "feature_fit_steps": 0})
+    c = torch.tensor([0.1, -0.1, 0.05])
+    true = (geo.grid_vertices - c).norm(dim=-1) - 0.5
+    far = true.abs() > 3 * geo.cell_size
+    # Empty space must not hold near-zero values that the first updates would flip into floaters.
+    assert (geo.sdf[far].sign() == true[far].sign()).all()
+    assert (geo.sdf[far].abs() > 0.5 * true[far].abs()).all()
+    dist = ((geo.isosurface().v_pos - c).norm(dim=-1) - 0.5).abs()
+    assert dist.mean().item() < 0.01
