@@ -30,6 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/fields.py
 	$(BIN)/python bench/render_volume.py
+	$(BIN)/python bench/render_neus.py
 	$(BIN)/python bench/render_raster.py
 	$(BIN)/python bench/render_splat.py
 

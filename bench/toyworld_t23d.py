@@ -1,0 +1,122 @@
+"""The toy-world text-to-3D benchmark: train each tiny recipe per prompt, export, score the mesh.
+
+For every (recipe, prompt): ``launch.py --train`` with the recipe, then the exported ``model.obj``
+is scored against the object's exact SDF (``lift3d.priors.toyworld.metrics``): volumetric IoU on a
+64^3 grid over [-0.6, 0.6]^3, Chamfer distance, surface colour error, and for the snowman, chair
+and mug whether the front feature is on the front (Janus check). Wall time and peak memory (max
+RSS of the run, measured in a child process) are recorded too. Prints a table and writes it, with
+a JSON of all rows, to bench/results/.
+
+    python bench/toyworld_t23d.py [--recipes configs/tiny/dreamfusion.yaml ...] [--prompts "a red cube" ...]
+                                  [--steps N] [--threads 1] [--out bench/results]
+
+``--steps`` overrides trainer.max_steps (single-stage recipes) for quick looks; published numbers
+use the recipes' own schedules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPES = ["configs/tiny/dreamfusion.yaml", "configs/tiny/reference.yaml", "configs/tiny/reference-gaussians.yaml",
+                   "configs/tiny/reference-coarse-to-fine.yaml"]
+
+
+def run_one(recipe: str, prompt: str, out_root: Path, steps: int | None, threads: int) -> dict:
+    """Train + export in a child process (so its peak memory is its own), then score."""
+    import trimesh
+
+    from lift3d.priors.toyworld.metrics import score_mesh
+    from lift3d.priors.toyworld.shapes import get_object
+
+    exp_root = out_root / "runs"
+    launch_args = ["--config", str(REPO / recipe), "--train", f"prompt={prompt}", f"exp_root_dir={exp_root}",
+                   "trainer.enable_progress_bar=false", "data.n_test_views=8"]
+    if steps:
+        launch_args.append(f"trainer.max_steps={steps}")
+    # The child reports its own peak RSS on exit, so each row's memory is that run's alone.
+    wrapper = ("import resource, runpy, sys\n"
+               f"sys.argv = ['launch.py'] + {launch_args!r}\n"
+               "try:\n"
+               f"    runpy.run_path({str(REPO / 'launch.py')!r}, run_name='__main__')\n"
+               "finally:\n"
+               "    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", wrapper], env=env, capture_output=True, text=True, cwd=REPO)
+    wall = time.time() - t0
+    peaks = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("PEAK_KB ")]
+    row = {"recipe": recipe, "prompt": prompt, "wall_s": round(wall, 1),
+           "peak_mb": round(peaks[-1] / 1024.0) if peaks else None}
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1][:300]
+        return row
+    objs = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("[lift3d] exported obj: ")]
+    if not objs:
+        row["error"] = "no model.obj exported"
+        return row
+    tm = trimesh.load(objs[-1], process=False, force="mesh")
+    s = score_mesh(tm, get_object(prompt))
+    row.update(iou=round(s.iou, 3), chamfer=round(s.chamfer, 4),
+               colour_error=None if s.colour_error is None else round(s.colour_error, 3),
+               front_ok=s.front_ok, mesh=objs[-1])
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'recipe':<36} {'prompt':<18} {'IoU':>6} {'chamfer':>8} {'colour':>7} {'front':>6} {'wall s':>7} {'peak MB':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['recipe']:<36} {r['prompt']:<18} error: {r['error']}")
+            continue
+        front = "-" if r["front_ok"] is None else ("ok" if r["front_ok"] else "JANUS")
+        col = "-" if r["colour_error"] is None else f"{r['colour_error']:.3f}"
+        lines.append(f"{r['recipe']:<36} {r['prompt']:<18} {r['iou']:6.3f} {r['chamfer']:8.4f} {col:>7} {front:>6} "
+                     f"{r['wall_s']:7.0f} {r['peak_mb'] or 0:8.0f}")
+    by_recipe: dict[str, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            by_recipe.setdefault(r["recipe"], []).append(r)
+    lines.append("")
+    for recipe, rs in by_recipe.items():
+        fronts = [r["front_ok"] for r in rs if r["front_ok"] is not None]
+        lines.append(f"{recipe}: mean IoU {sum(r['iou'] for r in rs) / len(rs):.3f}, "
+                     f"median wall {sorted(r['wall_s'] for r in rs)[len(rs) // 2]:.0f} s, "
+                     f"max peak {max(r['peak_mb'] or 0 for r in rs):.0f} MB, front ok {sum(fronts)}/{len(fronts)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from lift3d.priors.toyworld.shapes import list_prompts
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    ap.add_argument("--prompts", nargs="+", default=None, help="default: all 33 toy-world prompts")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for recipe in args.recipes:
+        for prompt in args.prompts or list_prompts():
+            rows.append(run_one(recipe, prompt, out, args.steps, args.threads))
+            print(format_table(rows[-1:]).splitlines()[2], flush=True)
+    table = format_table(rows)
+    print("\n" + table)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"toyworld_t23d-{stamp}.txt").write_text(table + "\n")
+    (out / f"toyworld_t23d-{stamp}.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
