@@ -57,7 +57,9 @@ def surface_samples(obj: ToyObject, n: int = 20000, seed: int = 0, resolution: i
     p.requires_grad_(True)
     d = obj.sdf(p)
     (g,) = torch.autograd.grad(d.sum(), p)
-    return (p - d[..., None] * torch.nn.functional.normalize(g, dim=-1)).detach()
+    projected = (p - d[..., None] * torch.nn.functional.normalize(g, dim=-1)).detach()
+    # Where the SDF's gradient is undefined (on a crease of a union), keep the marching-cubes point.
+    return torch.where(torch.isfinite(projected).all(-1, keepdim=True), projected, p.detach())
 
 
 def _nn_dist(a: Tensor, b: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
