@@ -14,10 +14,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from lift3d.geometry.base import BaseGeometry
-from lift3d.geometry.tetrahedra_sdf_grid import FeatureFieldConfig, build_feature_field
+from lift3d.geometry.tetrahedra_sdf_grid import FeatureFieldConfig, FeatureFieldGeometry, build_feature_field
 from lift3d.registry import register
 from lift3d.utils.mesh import Mesh
 
@@ -69,7 +68,7 @@ def load_mesh_file(path: str | Path, normalize: bool = True, radius: float = 1.0
 
 
 @register("mesh")
-class MeshGeometry(BaseGeometry):
+class MeshGeometry(FeatureFieldGeometry):
     """A fixed mesh from ``mesh_path``; ``isosurface()`` returns it, features come from a grid field."""
 
     @dataclass
@@ -103,12 +102,3 @@ class MeshGeometry(BaseGeometry):
         t_tex = None if m.t_tex_idx is None else m.t_tex_idx.to(self.v_pos.device)
         return Mesh(self.v_pos, self.t_pos_idx, v_tex, t_tex, extras)
 
-    def export_attributes(self, points: Tensor) -> dict[str, Tensor]:
-        return {"features": self.feature_field(points)}
-
-    def forward(self, points: Tensor, **kwargs: Any) -> dict[str, Tensor]:
-        return self.export_attributes(points)
-
-    def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
-        super().update_step(epoch, global_step, on_load_weights)
-        self.feature_field.update_step(epoch, global_step, on_load_weights)

@@ -216,8 +216,22 @@ def sdf_from_occupancy(inside: Tensor, spacing: float) -> Tensor:
     return sdf * spacing
 
 
+class FeatureFieldGeometry(BaseGeometry):
+    """A geometry whose per-point features come from ``self.feature_field`` (DMTet, fixed meshes)."""
+
+    def export_attributes(self, points: Tensor) -> dict[str, Tensor]:
+        return {"features": self.feature_field(points)}
+
+    def forward(self, points: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+        return self.export_attributes(points)
+
+    def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
+        super().update_step(epoch, global_step, on_load_weights)
+        self.feature_field.update_step(epoch, global_step, on_load_weights)
+
+
 @register("tetrahedra-sdf-grid")
-class TetrahedraSDFGrid(BaseGeometry):
+class TetrahedraSDFGrid(FeatureFieldGeometry):
     """DMTet: ``isosurface()`` is a differentiable marching-tetrahedra mesh; features from a grid field."""
 
     @dataclass
@@ -363,16 +377,6 @@ class TetrahedraSDFGrid(BaseGeometry):
         cubes = (hi != lo).view(-1).nonzero().squeeze(1)  # [C] cube index (i * res + j) * res + k
         ids = (cubes[:, None] * 6 + torch.arange(6, device=cubes.device)).reshape(-1)
         return self.tets[ids]
-
-    def export_attributes(self, points: Tensor) -> dict[str, Tensor]:
-        return {"features": self.feature_field(points)}
-
-    def forward(self, points: Tensor, **kwargs: Any) -> dict[str, Tensor]:
-        return self.export_attributes(points)
-
-    def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
-        super().update_step(epoch, global_step, on_load_weights)
-        self.feature_field.update_step(epoch, global_step, on_load_weights)
 
     # ------------------------------------------------------------------ stage switch
 
