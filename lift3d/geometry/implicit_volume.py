@@ -22,7 +22,7 @@ from torch import Tensor
 from lift3d.config import merge_dicts
 from lift3d.geometry.base import BaseImplicitGeometry
 from lift3d.geometry.encodings import get_encoding
-from lift3d.geometry.isosurface import grid_points, marching_cubes_grid
+from lift3d.geometry.isosurface import fill_cavities, grid_points, marching_cubes_grid
 from lift3d.geometry.networks import get_mlp
 from lift3d.registry import register
 from lift3d.utils.mesh import Mesh
@@ -288,7 +288,8 @@ class ImplicitVolume(HashGridField):
     def isosurface(self) -> Mesh:
         """Marching cubes of the density at ``isosurface_resolution``; raises IsosurfaceError if empty."""
         field = self._eval_grid_field(self.cfg.isosurface_resolution)
-        level = self.forward_level(field)
+        # Densities are only constrained on the visible shell: fill hollow interiors (no inner surfaces).
+        level = fill_cavities(self.forward_level(field))
         return marching_cubes_grid(level, self.cfg.radius, what="density field")
 
 

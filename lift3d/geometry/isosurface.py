@@ -16,6 +16,22 @@ def grid_points(resolution: int, radius: float, device: torch.device | str = "cp
     return torch.stack(torch.meshgrid(t, t, t, indexing="ij"), dim=-1)
 
 
+def fill_cavities(level: Tensor) -> Tensor:
+    """Make enclosed outside pockets of a level grid [R, R, R] inside (negative).
+
+    A radiance field only needs density on its visible shell: the interior may stay empty, and
+    marching cubes would then add inner surfaces facing the wrong way. Outside is what connects
+    to the grid's border; any positive region it cannot reach becomes inside (just below zero,
+    so the outer surface does not move).
+    """
+    from scipy.ndimage import binary_fill_holes
+
+    inside = (level < 0).cpu().numpy()
+    filled = torch.from_numpy(binary_fill_holes(inside)).to(level.device)
+    cavity = filled & (level >= 0)
+    return torch.where(cavity, -level.abs() - 1e-6, level)
+
+
 def marching_cubes_grid(level: Tensor, radius: float, what: str = "field") -> Mesh:
     """Surface where ``level`` [R, R, R] (sampled on :func:`grid_points`) crosses zero.
 

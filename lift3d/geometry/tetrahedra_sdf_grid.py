@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lift3d.geometry.base import BaseGeometry, BaseImplicitGeometry, IsosurfaceError
+from lift3d.geometry.isosurface import fill_cavities
 from lift3d.geometry.tets import marching_tets, tet_grid
 from lift3d.registry import register
 from lift3d.utils.mesh import Mesh
@@ -419,8 +420,10 @@ class TetrahedraSDFGrid(FeatureFieldGeometry):
         level (threshold - density) is flat in empty space, so rescaled alone it would leave tiny
         positive values there that the first updates flip into floaters.
         """
-        scaled = self._normalise_level(level).clamp(-self.cell_size, self.cell_size)
         n = self.cfg.isosurface_resolution + 1
+        # A NeRF may be hollow inside (only its shell is seen): no inner surfaces in the DMTet.
+        level = fill_cavities(level.reshape(n, n, n)).reshape(-1)
+        scaled = self._normalise_level(level).clamp(-self.cell_size, self.cell_size)
         far = sdf_from_occupancy((level < 0).reshape(n, n, n), self.cell_size).reshape(-1).to(level)
         # Vertices of tetrahedra the surface crosses keep the (sub-cell accurate) rescaled level.
         n_in = (level[self.tets] < 0).sum(-1)
