@@ -56,7 +56,7 @@ from torch import Tensor
 from lift3d.registry import register
 from lift3d.renderers.base import BaseRenderer
 from lift3d.renderers.occupancy import OccupancyGrid
-from lift3d.renderers.volume import MATERIAL_BATCH_KEYS, PER_RAY_KEYS, NeRFVolumeRenderer, composite_weights
+from lift3d.renderers.volume import NeRFVolumeRenderer, composite_weights
 
 # ``inv_s`` is clamped so a runaway variance cannot overflow exp() or divide by zero.
 INV_S_MIN, INV_S_MAX = 1e-6, 1e6
@@ -147,6 +147,9 @@ class NeuSVolumeRenderer(BaseRenderer):
     # class provides with the same meaning.
     _samples_torch = NeRFVolumeRenderer._samples_torch
     _render_chunked = NeRFVolumeRenderer._render_chunked
+    # Per-image assembly (reshape, background, compositing) is the NeRF renderer's; only the
+    # per-ray part (_render_rays) differs.
+    forward = NeRFVolumeRenderer.forward
 
     def configure(self, geometry: Any = None, material: Any = None, background: Any = None, **kwargs: Any) -> None:
         super().configure(geometry=geometry, material=material, background=background, **kwargs)
@@ -278,38 +281,6 @@ class NeuSVolumeRenderer(BaseRenderer):
         if self.cfg.return_normal_perturb:
             jitter = torch.randn_like(pts_v) * self.cfg.normal_perturb_std
             out["normal_perturb"] = self.geometry(pts_v + jitter, output_normal=True)["normal"]
-        return out
-
-    def forward(self, rays_o: Tensor, rays_d: Tensor, light_positions: Tensor | None = None,
-                bg_color: Tensor | None = None, **batch: Any) -> dict[str, Tensor]:
-        """Render rays [B, H, W, 3]; see the module docstring for the returned keys."""
-        if self.geometry is None or self.material is None:
-            raise RuntimeError("neus-volume-renderer has no geometry/material; build it with them or call set_scene")
-        B, H, W, _ = rays_o.shape
-        N = B * H * W
-        o = rays_o.reshape(N, 3)
-        d = rays_d.reshape(N, 3)
-        if light_positions is None:
-            light = o  # headlight
-        else:
-            light = light_positions.reshape(B, 1, 3).expand(B, H * W, 3).reshape(N, 3)
-        extra = {k: batch[k] for k in MATERIAL_BATCH_KEYS if k in batch}
-        flat = self._render_rays(o, d, light, extra) if self.training else self._render_chunked(o, d, light, extra)
-
-        out = {k: (v.view(B, H, W, v.shape[-1]) if k in PER_RAY_KEYS else v) for k, v in flat.items()}
-        if bg_color is None:
-            if self.background is None:
-                raise RuntimeError("neus-volume-renderer has no background and no bg_color was given")
-            bg = self.background(dirs=rays_d)
-        else:
-            bg = bg_color.to(out["comp_rgb_fg"])
-            if bg.ndim == 1:
-                bg = bg.view(1, 1, 1, -1)
-            elif bg.ndim == 2:
-                bg = bg.view(B, 1, 1, -1)
-            bg = bg.expand(B, H, W, 3)
-        out["comp_rgb_bg"] = bg
-        out["comp_rgb"] = out["comp_rgb_fg"] + bg * (1.0 - out["opacity"])
         return out
 
 

@@ -305,7 +305,7 @@ class NeRFVolumeRenderer(BaseRenderer):
                 bg_color: Tensor | None = None, **batch: Any) -> dict[str, Tensor]:
         """Render rays [B, H, W, 3]; see the module docstring for the returned keys."""
         if self.geometry is None or self.material is None:
-            raise RuntimeError("nerf-volume-renderer has no geometry/material; build it with them or call set_scene")
+            raise RuntimeError(f"{self.registry_name} has no geometry/material; build it with them or call set_scene")
         B, H, W, _ = rays_o.shape
         N = B * H * W
         o = rays_o.reshape(N, 3)
@@ -326,7 +326,7 @@ class NeRFVolumeRenderer(BaseRenderer):
             out[k] = v.view(B, H, W, v.shape[-1]) if k in PER_RAY_KEYS else v
         if bg_color is None:
             if self.background is None:
-                raise RuntimeError("nerf-volume-renderer has no background and no bg_color was given")
+                raise RuntimeError(f"{self.registry_name} has no background and no bg_color was given")
             bg = self.background(dirs=rays_d)
         else:
             bg = bg_color.to(out["comp_rgb_fg"])
