@@ -67,11 +67,22 @@ def run_one(recipe: str, prompt: str, out_root: Path, steps: int | None, threads
     row.update(iou=round(s.iou, 3), chamfer=round(s.chamfer, 4),
                colour_error=None if s.colour_error is None else round(s.colour_error, 3),
                front_ok=s.front_ok, mesh=objs[-1])
+    # Export fidelity: the exported OBJ rendered against the system's own render (4 views, albedo).
+    try:
+        from lift3d.exporters.fidelity import export_psnr
+        from lift3d.launch import load_trained_system
+
+        ckpt = Path(objs[-1]).parents[2] / "ckpts" / "last.ckpt"
+        row["export_psnr"] = round(export_psnr(load_trained_system(ckpt), objs[-1])[0], 2)
+    except Exception as exc:  # a benchmark row keeps its scores even if this check cannot run
+        row["export_psnr"] = None
+        row["export_psnr_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return row
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'recipe':<36} {'prompt':<18} {'IoU':>6} {'chamfer':>8} {'colour':>7} {'front':>6} {'wall s':>7} {'peak MB':>8}"
+    head = (f"{'recipe':<36} {'prompt':<18} {'IoU':>6} {'chamfer':>8} {'colour':>7} {'front':>6} {'wall s':>7} "
+            f"{'peak MB':>8} {'exp dB':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -80,7 +91,8 @@ def format_table(rows: list[dict]) -> str:
         front = "-" if r["front_ok"] is None else ("ok" if r["front_ok"] else "JANUS")
         col = "-" if r["colour_error"] is None else f"{r['colour_error']:.3f}"
         lines.append(f"{r['recipe']:<36} {r['prompt']:<18} {r['iou']:6.3f} {r['chamfer']:8.4f} {col:>7} {front:>6} "
-                     f"{r['wall_s']:7.0f} {r['peak_mb'] or 0:8.0f}")
+                     f"{r['wall_s']:7.0f} {r['peak_mb'] or 0:8.0f} "
+                     f"{'-' if r.get('export_psnr') is None else format(r['export_psnr'], '7.2f'):>7}")
     by_recipe: dict[str, list[dict]] = {}
     for r in rows:
         if "error" not in r:

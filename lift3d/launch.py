@@ -160,6 +160,31 @@ def load_experiment(config_path: str, overrides: list[str], seed: int | None = N
     return cfg, raw, prov
 
 
+def load_trained_system(ckpt: str | Path, config: str | Path | None = None, overrides: list[str] | None = None):
+    """A system rebuilt from a checkpoint, in eval mode, outside any Trainer.
+
+    ``config`` defaults to the trial's ``configs/parsed.yaml`` next to ``ckpts/``. Loads with
+    ``weights_only=True`` like every checkpoint load in lift3d.
+    """
+    from lift3d.registry import find, load_plugins
+    from lift3d.utils.checkpoint import AtomicCheckpointIO
+
+    ckpt = Path(ckpt)
+    if config is None:
+        trial = _checkpoint_trial_dir(ckpt)
+        if trial is None or not (trial / "configs" / "parsed.yaml").is_file():
+            raise ConfigError(f"{ckpt}: not inside a trial folder with configs/parsed.yaml; pass config=")
+        config = trial / "configs" / "parsed.yaml"
+    for root in sorted({Path.cwd().resolve(), REPO_ROOT}):
+        load_plugins(root)
+    cfg, _, prov = load_experiment(str(config), list(overrides or []))
+    system = find(cfg.system_type, "system")(cfg.system, cfg_key="system", prov=prov, seed=cfg.seed)
+    state = AtomicCheckpointIO().load_checkpoint(ckpt)
+    system.on_load_checkpoint(state)
+    system.load_state_dict(state["state_dict"])
+    return system.eval()
+
+
 def _checkpoint_trial_dir(ckpt: Path) -> Path | None:
     return ckpt.parent.parent if ckpt.parent.name == "ckpts" else None
 

@@ -3,8 +3,10 @@
 The pipeline of the mesh exports of Magic3D (Lin et al. 2023) and Fantasia3D (Chen et al. 2023),
 as threestudio runs it: extract the surface of the trained field, unwrap it, and bake the
 material's texture channels (albedo always; roughness / metallic / a tangent-space normal map
-when available) by rasterizing the mesh in UV space (see :mod:`lift3d.exporters.uv`). A Gaussian
-geometry can additionally write its own splat PLY.
+when available) by rasterizing the mesh in UV space (see :mod:`lift3d.exporters.uv`). A geometry
+that already has a UV texture (``uv_texture()``, e.g. DreamGaussian's refined mesh) is written with
+its own UVs and texels instead, with no unwrap or re-bake. A Gaussian geometry can additionally
+write its own splat PLY.
 
 Frames: OBJ and PLY keep lift3d's +z-up world; GLB is rotated to glTF's +y up,
 ``(x, y, z) -> (x, z, -y)`` (see :mod:`lift3d.exporters.formats`).
@@ -90,24 +92,39 @@ class MeshExporter(BaseExporter):
         warned: set[str] = set()
 
         def fn(pts: Tensor) -> dict[str, Tensor]:
-            attrs = geometry.export_attributes(pts)
-            chans = dict(material.export(attrs["features"]))
-            if "albedo" not in chans:
-                raise ValueError(f"{type(material).__name__}.export must return an 'albedo' channel, got {list(chans)}")
-            if self.cfg.save_normal_map and "normal" not in chans and "normal" in attrs:
-                chans["normal"] = attrs["normal"]
-            keep = {"albedo"}
-            if self.cfg.save_pbr:
-                keep |= {"roughness", "metallic"}
-            if self.cfg.save_normal_map:
-                keep.add("normal")
-            for k in set(chans) - keep - warned:
-                if k not in TEXTURE_CHANNELS:
-                    log.warning("mesh-exporter: material channel %r has no texture slot; not exported", k)
-                warned.add(k)
-            return {k: v for k, v in chans.items() if k in keep}
+            return self.channels(geometry.export_attributes(pts), material, warned)
 
         return fn
+
+    def channels(self, attrs: dict[str, Tensor], material: Any, warned: set[str]) -> dict[str, Tensor]:
+        """Geometry attributes ``{features [N, C], ...}`` -> the texture channels this exporter writes."""
+        chans = dict(material.export(attrs["features"]))
+        if "albedo" not in chans:
+            raise ValueError(f"{type(material).__name__}.export must return an 'albedo' channel, got {list(chans)}")
+        if self.cfg.save_normal_map and "normal" not in chans and "normal" in attrs:
+            chans["normal"] = attrs["normal"]
+        keep = {"albedo"}
+        if self.cfg.save_pbr:
+            keep |= {"roughness", "metallic"}
+        if self.cfg.save_normal_map:
+            keep.add("normal")
+        for k in set(chans) - keep - warned:
+            if k not in TEXTURE_CHANNELS:
+                log.warning("mesh-exporter: material channel %r has no texture slot; not exported", k)
+            warned.add(k)
+        return {k: v for k, v in chans.items() if k in keep}
+
+    def own_texture(self, geometry: Any, material: Any) -> tuple[Mesh, dict[str, Tensor]] | None:
+        """A geometry's own UV texture (``geometry.uv_texture()``: mesh with UVs, features [T, T, C] in image
+        layout) turned into texture channels texel by texel; None when the geometry has none."""
+        getter = getattr(geometry, "uv_texture", None)
+        own = getter() if callable(getter) else None
+        if own is None:
+            return None
+        uv_mesh, feats = own
+        T, C = feats.shape[0], feats.shape[-1]
+        chans = self.channels({"features": feats.reshape(-1, C)}, material, set())
+        return uv_mesh, {k: v.reshape(T, feats.shape[1], -1).float() for k, v in chans.items()}
 
     def export(self, geometry: Any, material: Any, out_dir: Path, name: str = "model") -> dict[str, Path]:
         out_dir = Path(out_dir)
@@ -133,11 +150,15 @@ class MeshExporter(BaseExporter):
         attr_fn = self.attribute_fn(geometry, material)
         written: dict[str, Path] = {}
         if "obj" in fmts or "glb" in fmts:
-            uv_mesh = unwrap_uv(mesh, texture_size=cfg.texture_size, padding=cfg.uv_padding,
-                                chart_options=cfg.xatlas_chart_options, pack_options=cfg.xatlas_pack_options,
-                                timeout=cfg.unwrap_timeout)
-            baked = bake_texture(uv_mesh, attr_fn, cfg.texture_size, pad_pixels=cfg.pad_pixels,
-                                 chunk_size=cfg.chunk_size)
+            own = self.own_texture(geometry, material)
+            if own is not None:  # a UV-textured geometry: write its texture and UVs as they are
+                uv_mesh, baked = own
+            else:
+                uv_mesh = unwrap_uv(mesh, texture_size=cfg.texture_size, padding=cfg.uv_padding,
+                                    chart_options=cfg.xatlas_chart_options, pack_options=cfg.xatlas_pack_options,
+                                    timeout=cfg.unwrap_timeout)
+                baked = bake_texture(uv_mesh, attr_fn, cfg.texture_size, pad_pixels=cfg.pad_pixels,
+                                     chunk_size=cfg.chunk_size)
             if "normal" not in baked and cfg.save_normal_map:
                 log.warning("mesh-exporter: save_normal_map is set but neither the geometry nor the material "
                             "returns 'normal'; no normal map written")

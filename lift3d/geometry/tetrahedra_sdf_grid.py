@@ -395,7 +395,9 @@ class TetrahedraSDFGrid(FeatureFieldGeometry):
         with torch.no_grad():
             if isinstance(other, BaseImplicitGeometry):
                 pts = new.grid_vertices
-                level = torch.cat([other.forward_level(other.forward_field(p)).reshape(-1) for p in pts.split(65536)])
+                # The level of the whole grid at once: an "auto" threshold depends on all of the field.
+                field = torch.cat([other.forward_field(p) for p in pts.split(65536)])
+                level = other.forward_level(field).reshape(-1)
                 new.sdf.copy_(new.sdf_from_level(level.to(new.sdf)))
             else:
                 mesh = other.isosurface()

@@ -45,6 +45,9 @@ class ToyWorldGuidance(BaseGuidance):
         """w(t) in the SDS gradient."""
         grad_clip: Optional[float] = None
         """Clamp each gradient element to [-grad_clip, grad_clip]."""
+        image: Literal["rgb", "normal"] = "rgb"
+        """What the prior scores: the shaded render, or the normal map ``(n + 1) / 2`` over black (the
+        renderer's ``comp_normal``), as in Fantasia3D's geometry stage."""
 
     def configure(self) -> None:
         from lift3d.priors.toyworld.model import ToyWorldPrior, make_scheduler
@@ -74,36 +77,81 @@ class ToyWorldGuidance(BaseGuidance):
             return a.sqrt() * (1 - a)
         return torch.ones_like(a)
 
-    def forward(self, rgb: Tensor, prompt_utils: Any = None, elevation: Tensor | None = None,
-                azimuth: Tensor | None = None, camera_distances: Tensor | None = None, t: Tensor | None = None,
-                noise: Tensor | None = None, **batch: Any) -> dict[str, Any]:
-        from lift3d.priors.toyworld.data import camera_vector
-        from lift3d.priors.toyworld.model import predict_eps_x0
+    # -- pieces every toy-world guidance shares -------------------------------------------------
 
+    def _check_inputs(self, prompt_utils: Any, elevation: Any, azimuth: Any, camera_distances: Any) -> None:
+        name = getattr(type(self), "registry_name", type(self).__name__)
         if prompt_utils is None or not getattr(prompt_utils, "prompt", ""):
-            raise ValueError("toyworld-guidance needs a prompt (set prompt=... on the command line)")
+            raise ValueError(f"{name} needs a prompt (set prompt=... on the command line)")
         if elevation is None or azimuth is None or camera_distances is None:
-            raise ValueError("toyworld-guidance needs the batch's elevation, azimuth and camera_distances")
-        B = rgb.shape[0]
-        dev = rgb.device
+            raise ValueError(f"{name} needs the batch's elevation, azimuth and camera_distances")
+
+    def _scored_image(self, rgb: Tensor, batch: dict[str, Any]) -> Tensor:
+        """The render the prior scores ([B, H, W, 3] in [0, 1]): ``rgb`` or the normal map."""
+        if getattr(self.cfg, "image", "rgb") != "normal":
+            return rgb
+        normal = batch.get("comp_normal")
+        if normal is None:
+            name = getattr(type(self), "registry_name", type(self).__name__)
+            raise ValueError(f"{name} image: normal needs the render's comp_normal; use a renderer that returns "
+                             "normals (mesh-rasterizer, or a volume renderer with normals)")
+        return normal
+
+    def _to_prior(self, rgb: Tensor) -> Tensor:
+        """[B, H, W, 3] in [0, 1] -> [B, 3, res, res] in [-1, 1] at the prior's resolution."""
         res = self.prior.cfg.resolution
         x = rgb.permute(0, 3, 1, 2)
         if x.shape[-2:] != (res, res):
             x = F.interpolate(x, (res, res), mode="bilinear", align_corners=False, antialias=True)
-        x = x * 2 - 1  # [B, 3, res, res]
-        lo = int(self.C(self.cfg.min_step_percent) * self.num_train_timesteps)
-        hi = int(self.C(self.cfg.max_step_percent) * self.num_train_timesteps)
-        lo, hi = max(0, min(lo, self.num_train_timesteps - 1)), max(1, min(hi, self.num_train_timesteps - 1))
+        return x * 2 - 1
+
+    def _step_range(self) -> tuple[int, int]:
+        """(lo, hi) timesteps from the (scheduled) min/max step percentages, clamped to the schedule."""
+        n = self.num_train_timesteps
+        lo = int(self.C(self.cfg.min_step_percent) * n)
+        hi = int(self.C(self.cfg.max_step_percent) * n)
+        return max(0, min(lo, n - 1)), max(1, min(hi, n - 1))
+
+    def _conditions(self, prompt_utils: Any, B: int, dev: torch.device, elevation: Tensor, azimuth: Tensor,
+                    camera_distances: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(cond tokens, uncond tokens, uncond text-drop mask [B], camera vectors [B, 4]).
+
+        The unconditional branch is the negative prompt when there is one, else the dropped text.
+        """
+        from lift3d.priors.toyworld.data import camera_vector
+
+        cond = self._tokens(prompt_utils.prompt, B, dev)
+        neg = getattr(prompt_utils, "negative_prompt", "")
+        uncond = self._tokens(neg, B, dev) if neg else cond
+        uncond_drop = torch.full((B,), not neg, dtype=torch.bool, device=dev)
+        cam = camera_vector(elevation.float(), azimuth.float(), camera_distances.float()).to(dev)
+        return cond, uncond, uncond_drop, cam
+
+    def _prepare(self, rgb: Tensor, prompt_utils: Any, elevation: Any, azimuth: Any, camera_distances: Any,
+                 t: Tensor | None, noise: Tensor | None, batch: dict[str, Any]) -> tuple:
+        """Checked inputs of a score-distillation step: (x [B,3,res,res] in [-1,1], t [B], noise,
+        lo, hi, conditions) with ``t`` drawn in [lo, hi) and ``noise`` drawn unless given."""
+        self._check_inputs(prompt_utils, elevation, azimuth, camera_distances)
+        x = self._to_prior(self._scored_image(rgb, batch))
+        B, dev = x.shape[0], x.device
+        lo, hi = self._step_range()
         if t is None:
             t = torch.randint(lo, max(hi, lo + 1), (B,), device=dev)
         if noise is None:
             noise = torch.randn_like(x)
+        conds = self._conditions(prompt_utils, B, dev, elevation, azimuth, camera_distances)
+        return x, t, noise, lo, hi, conds
+
+    def forward(self, rgb: Tensor, prompt_utils: Any = None, elevation: Tensor | None = None,
+                azimuth: Tensor | None = None, camera_distances: Tensor | None = None, t: Tensor | None = None,
+                noise: Tensor | None = None, **batch: Any) -> dict[str, Any]:
+        from lift3d.priors.toyworld.model import predict_eps_x0
+
+        x, t, noise, lo, hi, (cond_tokens, uncond_tokens, uncond_drop, cam) = self._prepare(
+            rgb, prompt_utils, elevation, azimuth, camera_distances, t, noise, batch)
+        B = x.shape[0]
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        cond_tokens = self._tokens(prompt_utils.prompt, B, dev)
-        neg = getattr(prompt_utils, "negative_prompt", "")
-        uncond_tokens = self._tokens(neg, B, dev) if neg else cond_tokens
-        drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.full((B,), not neg)]).to(dev)
-        cam = camera_vector(elevation.float(), azimuth.float(), camera_distances.float()).to(dev)
+        drop = torch.cat([torch.zeros_like(uncond_drop), uncond_drop])
         with torch.no_grad():
             x_t = a.sqrt() * x.detach() + (1 - a).sqrt() * noise
             out = self.prior(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond_tokens, uncond_tokens]),

@@ -48,6 +48,10 @@ class MeshRasterizer(BaseRenderer):
     other keys are ignored. Returns comp_rgb, comp_rgb_fg, comp_rgb_bg [B,H,W,3], opacity
     [B,H,W,1] (antialiased), depth [B,H,W,1] (distance from the camera, 0 off the mesh),
     comp_normal [B,H,W,3] and "mesh".
+
+    Features come from ``geometry.export_attributes(positions [N, 3])``; a geometry whose
+    ``samples_uv`` is true (a UV-textured mesh) also gets ``uv=`` [N, 2], the texture coordinates
+    interpolated from its mesh's ``v_tex`` / ``t_tex_idx``.
     """
 
     @dataclass
@@ -133,7 +137,12 @@ class MeshRasterizer(BaseRenderer):
             if light_positions is None:
                 light_positions = camera_positions
             lights = light_positions.to(v_pos.dtype)[:, None, None, :].expand(B, H, W, 3)[sel]
-            features = self.geometry.export_attributes(positions)["features"]
+            attr_kwargs: dict[str, Any] = {}
+            if getattr(self.geometry, "samples_uv", False) and mesh.v_tex is not None:
+                # A UV-textured geometry is sampled at texture coordinates, not at 3D positions.
+                gb_uv = ops.interpolate(mesh.v_tex, rast, mesh.t_tex_idx, backend=self.cfg.backend)
+                attr_kwargs["uv"] = gb_uv[sel]
+            features = self.geometry.export_attributes(positions, **attr_kwargs)["features"]
             mat_kwargs: dict[str, Any] = {}
             if shading is not None:
                 mat_kwargs["shading"] = shading

@@ -253,6 +253,9 @@ class BaseSystem(pl.LightningModule, Configurable):
             self.__dict__["guidance"] = self._build("guidance", idx).to(self.device)
         if self._trainer is not None and self.trainer.training:
             self.trainer.strategy.setup_optimizers(self.trainer)
+            # Lightning attaches its step counting to the optimizers when the loop starts: attach it
+            # to the new ones now, or the first step of the stage would not advance global_step.
+            self.trainer.fit_loop.epoch_loop.manual_optimization.on_run_start()
         msg = f"[lift3d] stage {old} '{self.stages[old].name}' -> {idx} '{self.stage.name}'" + (
             f" (rebuilt: {', '.join(sorted(changed))})" if changed else "")
         if self._trainer is not None:

@@ -22,7 +22,8 @@ def _use_tiny_prior_if_unshipped(raw: dict, tmp_path: Path) -> None:
 
     system = raw.get("system", {})
     slots = [system] + list(system.get("stages", []) or [])
-    users = [s for s in slots if s.get("guidance_type") == "toyworld-guidance"]
+    prior_guidance = {"toyworld-guidance", "toyworld-vsd-guidance", "toyworld-refine-guidance"}
+    users = [s for s in slots if s.get("guidance_type") in prior_guidance]
     if not users or DEFAULT_WEIGHTS.is_file():
         return
     path = ToyWorldPrior({"vocab_size": len(VOCAB), "block_out_channels": [16, 32], "attention": False,

@@ -144,6 +144,28 @@ def test_resume_equals_uninterrupted_run_across_a_stage_switch(tmp_path):
         assert type(resumed.geometry).__name__ == "ParamGeometryB"
 
 
+def test_every_step_runs_once_across_stage_switches(tmp_path, monkeypatch):
+    """The optimizer rebuilt at a switch still advances global_step: no step number runs twice."""
+    cfg = tiny_system_config(stages=[
+        {"name": "a", "steps": 3},
+        {"name": "b", "steps": 3, "geometry_type": "test-param-geometry-b"},
+        {"name": "c", "steps": 2, "loss": {"lambda_mse": 2.0}},
+    ])
+    system = TextTo3DSystem(cfg, seed=0)
+    seen: list[tuple[int, str]] = []
+    original = TextTo3DSystem.compute_losses
+
+    def spy(self, out, batch):
+        seen.append((self.global_step, self.stage.name))
+        return original(self, out, batch)
+
+    monkeypatch.setattr(TextTo3DSystem, "compute_losses", spy)
+    trainer, _ = fit(system, 8, tmp_path)
+    assert [s for s, _ in seen] == list(range(8))
+    assert [n for _, n in seen] == ["a"] * 3 + ["b"] * 3 + ["c"] * 2
+    assert trainer.global_step == 8
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()

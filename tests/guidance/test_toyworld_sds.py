@@ -4,21 +4,9 @@ import pytest
 import torch
 
 from lift3d.guidance.toyworld import ToyWorldGuidance
-from lift3d.priors.toyworld.model import ToyWorldPrior
-from lift3d.priors.toyworld.vocab import VOCAB
 from lift3d.prompts.base import PromptUtils
+from tiny_prior import weights  # noqa: F401  (the fixture)
 
-TINY = {"vocab_size": len(VOCAB), "resolution": 16, "block_out_channels": [16, 32], "attention": False,
-        "norm_num_groups": 8}
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    m = ToyWorldPrior(TINY)
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return m.save(tmp_path_factory.mktemp("w") / "tiny.safetensors")
 
 
 def _run(weights, weighting="sds", prompt="a red cube", scale=5.0):
@@ -85,3 +73,21 @@ def test_negative_prompt_changes_the_unconditional_branch(weights):
     a = g(rgb, PromptUtils("a red cube"), **kw)["loss_sds"]
     b = g(rgb, PromptUtils("a red cube", negative_prompt="a blue cube"), **kw)["loss_sds"]
     assert abs(float(a) - float(b)) > 1e-6
+
+
+def test_normal_image_mode_scores_the_normal_map(weights):
+    g = ToyWorldGuidance({"pretrained": str(weights), "image": "normal"})
+    gen = torch.Generator().manual_seed(0)
+    rgb = torch.rand(1, 16, 16, 3, generator=gen).requires_grad_(True)
+    normal = torch.rand(1, 16, 16, 3, generator=gen).requires_grad_(True)
+    cams = dict(elevation=torch.tensor([10.0]), azimuth=torch.tensor([0.0]), camera_distances=torch.tensor([2.0]),
+                t=torch.tensor([500]), noise=torch.randn(1, 3, 16, 16, generator=gen))
+    out = g(rgb, PromptUtils("a red cube"), comp_normal=normal, **cams)
+    out["loss_sds"].backward()
+    assert rgb.grad is None and float(normal.grad.abs().sum()) > 0
+    # the same call in rgb mode on the normal map as the image gives the same gradient
+    normal2 = normal.detach().clone().requires_grad_(True)
+    ToyWorldGuidance({"pretrained": str(weights)})(normal2, PromptUtils("a red cube"), **cams)["loss_sds"].backward()
+    torch.testing.assert_close(normal.grad, normal2.grad)
+    with pytest.raises(ValueError, match="comp_normal"):
+        g(rgb, PromptUtils("a red cube"), **cams)

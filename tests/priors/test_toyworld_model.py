@@ -94,7 +94,8 @@ def test_shipped_weights_load_and_sample():
     from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
 
     img = sample(m, pad_tokens([tokenize("a red cube")]), camera_vector(torch.tensor([20.0]), torch.tensor([0.0]),
-                 torch.tensor([2.0])), steps=8, generator=torch.Generator().manual_seed(0))
+                 torch.tensor([2.0])), steps=8, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(0))
     assert img.shape == (1, 3, 64, 64) and 0 <= float(img.min()) and float(img.max()) <= 1
     # the object is red and sits on a black background
     centre = img[0, :, 24:40, 24:40].mean(dim=(1, 2))

@@ -190,7 +190,7 @@ def sample(
     tokens: Tensor,
     camera: Tensor,
     steps: int = 50,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     eta: float = 0.0,
 ) -> Tensor:

@@ -29,8 +29,8 @@ from lift3d.utils.checkpoint import atomic_torch_save
 class TrainConfig:
     seed: int = 0
     """Seed of the data, the initialisation and every step's noise."""
-    steps: int = 12000
-    """Optimizer steps."""
+    steps: int = 7000
+    """Optimizer steps (the cosine learning-rate decay spans them)."""
     batch_size: int = 32
     """Images per step."""
     lr: float = 3e-4
