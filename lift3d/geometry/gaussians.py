@@ -16,6 +16,7 @@ the Gaussians into a mesh as DreamGaussian does: marching cubes on their summed 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -236,8 +237,8 @@ class GaussianModel(BaseGeometry):
         """Upper bound on the number of Gaussians; densification picks the largest gradients when it would exceed it."""
 
         density_thresh: Union[float, Literal["auto"]] = 1.0
-        """Isosurface level of the summed Gaussian density (DreamGaussian uses 1); 'auto' = half the median density at
-        the centres of the Gaussians with opacity above 0.5 (or of all, if none)."""
+        """Isosurface level of the summed Gaussian density (DreamGaussian uses 1); 'auto' = the level whose surface
+        best matches where the Gaussians render 50% opacity (see ``isosurface``)."""
         isosurface_resolution: int = 128
         """Grid resolution for marching cubes."""
         isosurface_sigmas: float = 3.0
@@ -459,26 +460,60 @@ class GaussianModel(BaseGeometry):
         d, _ = gaussian_field_sum(points.to(means), means, cov_inv, extent, w)
         return d
 
-    def _density_threshold(self) -> float:
+    def _density_threshold(self, dens: Tensor | None = None, extinction: Tensor | None = None) -> float:
+        """``density_thresh`` as a number; ``auto`` needs the density and extinction grids [R, R, R]."""
         thr = self.cfg.density_thresh
         if thr != "auto":
             return float(thr)
-        with torch.no_grad():
-            op = self.get_opacity.squeeze(-1)
-            sel = op > 0.5
-            pts = self.xyz[sel] if sel.any() else self.xyz
-            if pts.shape[0] > 4096:
-                pts = pts[torch.randperm(pts.shape[0], generator=self._gen)[:4096].to(pts.device)]
-            return 0.5 * float(self.density(pts).median())
+        from lift3d.geometry.isosurface import opacity_matched_level
+
+        if dens is None or extinction is None:
+            raise ValueError("gaussian-splatting: density_thresh 'auto' needs the density grids that isosurface() samples")
+        return opacity_matched_level(dens, extinction, self.cfg.radius)
 
     def isosurface(self) -> Mesh:
-        """Marching cubes on the summed density at ``density_thresh`` over [-radius, radius]^3."""
+        """Marching cubes on the summed density at ``density_thresh`` over [-radius, radius]^3.
+
+        ``density_thresh: auto`` takes the level whose surface best matches the rendered one
+        (:func:`lift3d.geometry.isosurface.opacity_matched_level`): along orthographic rays from
+        20 directions, where the Gaussians' opacity reaches 50%. The opacity comes from an
+        extinction field with the Gaussians' footprints, ``sum_i tau_i g_i(x) / (sqrt(2 pi) s_i)``
+        with ``tau_i = -ln(1 - o_i)`` and ``s_i`` the geometric mean of the scales: a ray through
+        a Gaussian's centre gets the optical depth that splatting gives it (exactly for isotropic
+        Gaussians), and the field comes in the same pass as the density. (With ``o_i`` in place of
+        ``tau_i``, the small-alpha limit, opaque Gaussians look too thin and the level lands deeper:
+        mean IoU 0.88 instead of 0.92 on the prompts below.)
+        The former rule (half the median density at the centres of opaque Gaussians) was pulled
+        deep by dense inner clusters. Measured on ``configs/tiny/reference-gaussians.yaml`` (400
+        steps, one seed; IoU against the toy-world SDF, 64^3 over [-0.6, 0.6]^3; extraction at
+        96^3; levels in brackets):
+
+        =============  ===========  ===========  ==========  ==========
+        prompt         old auto     auto         0.5 (hand)  0.3
+        =============  ===========  ===========  ==========  ==========
+        a red cube     0.71 (1.16)  0.96 (0.27)  0.91        0.95
+        a snowman      0.63 (1.99)  0.95 (0.34)  0.97        0.93
+        a green torus  0.59 (1.52)  0.93 (0.25)  0.93        0.95
+        a mug          0.77 (1.17)  0.95 (0.34)  0.93        0.94
+        a chair        0.60 (1.18)  0.81 (0.20)  0.81        0.86
+        =============  ===========  ===========  ==========  ==========
+        """
         from lift3d.geometry.isosurface import grid_points, marching_cubes_grid
 
         R, radius = self.cfg.isosurface_resolution, self.cfg.radius
-        thr = self._density_threshold()
         pts = grid_points(R, radius, device=self.xyz.device).reshape(-1, 3)
-        dens = self.density(pts).reshape(R, R, R)
+        ext = None
+        if self.cfg.density_thresh == "auto":
+            means, cov_inv, extent, w = self._field_inputs()
+            thickness = math.sqrt(2.0 * math.pi) * torch.exp(self.scaling.detach().mean(-1))  # [N]
+            tau = -torch.log1p(-w.clamp(max=0.99))  # optical depth of an opacity (alpha clamp as the renderer)
+            # One pass: the density weights are the opacities, so the extinction rides along as a value.
+            per_opacity = torch.where(w > 1e-6, tau / w.clamp(min=1e-6), torch.ones_like(w)) / thickness
+            dens, acc = gaussian_field_sum(pts.to(means), means, cov_inv, extent, w, per_opacity[:, None])
+            dens, ext = dens.reshape(R, R, R), acc.reshape(R, R, R)
+        else:
+            dens = self.density(pts).reshape(R, R, R)
+        thr = self._density_threshold(dens, ext)
         try:
             return marching_cubes_grid(thr - dens, radius, what="Gaussian density")
         except IsosurfaceError as exc:

@@ -22,7 +22,8 @@ from torch import Tensor
 from lift3d.config import merge_dicts
 from lift3d.geometry.base import BaseImplicitGeometry
 from lift3d.geometry.encodings import get_encoding
-from lift3d.geometry.isosurface import fill_cavities, grid_points, marching_cubes_grid
+from lift3d.geometry.isosurface import (fill_cavities, fill_hidden, grid_points, marching_cubes_grid,
+                                        opacity_matched_level)
 from lift3d.geometry.networks import get_mlp
 from lift3d.registry import register
 from lift3d.utils.mesh import Mesh
@@ -207,10 +208,34 @@ class ImplicitVolume(HashGridField):
     >= 0), ``features`` [..., C], and with ``output_normal`` ``normal`` [..., 3] (unit, outward:
     minus the gradient of the pre-activation density) plus ``shading_normal`` (the same).
     ``forward_field`` is the activated density; ``forward_level`` is ``threshold - density``.
-    ``isosurface_threshold: "auto"`` uses the mean density over the isosurface grid, which always
-    lies strictly between the grid's minimum and maximum, so the level set is non-empty whenever
-    the field is not constant (a density blob of height ~10 over empty space gives a surface a bit
-    outside where the blob is half its peak).
+
+    ``isosurface_threshold: "auto"`` picks the density level whose surface is the one the field
+    renders: seen along orthographic rays from 20 directions, where the opacity
+    ``1 - exp(-int density)`` reaches 50% (see
+    :func:`lift3d.geometry.isosurface.opacity_matched_level`). It lies strictly inside the field's
+    range, so the surface is never empty. The former rule, the mean density, is dominated by the
+    few very dense spots a trained NeRF has (peaks of ~4000 over a surface of ~20) and can land
+    deep inside. Measured on ``configs/tiny/reference.yaml`` (600 steps, one seed; IoU against the
+    toy-world SDF, 64^3 over [-0.6, 0.6]^3; extraction at 96^3; levels in brackets; the mean
+    rule with the former flood-fill-only extraction):
+
+    =============  ===========  =========  ==========  ==========
+    prompt         mean (old)   auto       1.0 (hand)  20 (fixed)
+    =============  ===========  =========  ==========  ==========
+    a red cube     0.62 (28)    0.87 (19)  0.93        0.87
+    a snowman      0.94 (120)   0.95 (14)  0.89        0.96
+    a green torus  0.96 (81)    0.96 (18)  0.89        0.96
+    =============  ===========  =========  ==========  ==========
+
+    The cube's NeRF renders its faces ~0.03 behind the true ones (flat, evenly lit faces at 32 px
+    do not pin their depth), so its rendered surface is too small and only the low-density skirt
+    in front reaches the truth; on the rounded objects that skirt is too wide instead.
+
+    ``isosurface()`` fills interiors before marching cubes: enclosed pockets
+    (:func:`~lift3d.geometry.isosurface.fill_cavities`) and points hidden behind the inside from
+    every axis direction (:func:`~lift3d.geometry.isosurface.fill_hidden`), which keeps a hollow
+    NeRF solid when its shell leaks at the chosen level (the cube at level 19: IoU 0.67 with the
+    first alone, 0.87 with both).
     """
 
     @dataclass
@@ -273,23 +298,32 @@ class ImplicitVolume(HashGridField):
         return self.forward_density(points)
 
     def resolve_threshold(self, field: Tensor) -> float:
-        """The isosurface threshold as a number (``"auto"``: mean of ``field``)."""
+        """The isosurface threshold as a number.
+
+        ``"auto"``: the opacity-matched level (see the class) of ``field`` when it is a cubic grid
+        [R, R, R] sampled on ``grid_points(R, radius)`` (what ``isosurface()`` passes); for any
+        other shape (e.g. another geometry's grid, flattened) of this field's own isosurface grid.
+        """
         thr = self.cfg.isosurface_threshold
         if isinstance(thr, str):
             if thr != "auto":
                 raise ValueError(f"isosurface_threshold must be a number or 'auto', got {thr!r}")
-            return float(field.float().mean())
+            if field.ndim != 3 or len(set(field.shape)) != 1:
+                field = self._eval_grid_field(self.cfg.isosurface_resolution)
+            return opacity_matched_level(field, field, self.cfg.radius)
         return float(thr)
 
     def forward_level(self, field: Tensor) -> Tensor:
-        """``threshold - density``: negative inside. With ``"auto"`` the threshold comes from ``field``."""
+        """``threshold - density``: negative inside. With ``"auto"`` see ``resolve_threshold``."""
         return self.resolve_threshold(field) - field
 
     def isosurface(self) -> Mesh:
         """Marching cubes of the density at ``isosurface_resolution``; raises IsosurfaceError if empty."""
-        field = self._eval_grid_field(self.cfg.isosurface_resolution)
+        R = self.cfg.isosurface_resolution
+        field = self._eval_grid_field(R)
         # Densities are only constrained on the visible shell: fill hollow interiors (no inner surfaces).
         level = fill_cavities(self.forward_level(field))
+        level = fill_hidden(level, field, 2.0 * self.cfg.radius / (R - 1))
         return marching_cubes_grid(level, self.cfg.radius, what="density field")
 
 

@@ -9,12 +9,21 @@ quarter of all cells plus as many currently occupied ones. The occupied set is t
 ``dilation`` cells (one random point per cell can miss matter in a boundary cell). Samples in
 unoccupied cells are dropped before the field is evaluated, which is where the speed comes from.
 
-Before its first update the grid reports everything occupied, so rendering never goes blank.
+Before its first update the grid reports everything occupied, so rendering never goes blank, and
+its first update refreshes every cell whatever the step (a grid restored from a checkpoint without
+grid state must not be rebuilt from a quarter of its cells).
+
+State: the persistent buffers ``occs`` (per-cell running maximum), ``binary`` (the occupied mask
+after dilation) and ``n_updates`` are part of the owner's state dict, so a resumed run prunes
+exactly as the uninterrupted one. Radius, resolution and dilation come from the config. Loading a
+state dict without these keys (checkpoints written before the grid was saved) or with another
+resolution keeps a fresh grid and warns; the next update rebuilds it from the field.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -23,6 +32,8 @@ from torch import Tensor
 
 class OccupancyGrid(nn.Module):
     """``resolution``^3 cells over [-radius, radius]^3; ``occupied(points)`` is the pruning test."""
+
+    STATE = ("occs", "binary", "n_updates")
 
     def __init__(self, radius: float, resolution: int = 32, dilation: int = 1) -> None:
         super().__init__()
@@ -41,6 +52,43 @@ class OccupancyGrid(nn.Module):
     def occupied_fraction(self) -> float:
         return float(self.binary.float().mean())
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the state before any update: no evidence, every cell occupied."""
+        self.occs.zero_()
+        self.binary.fill_(True)
+        self.n_updates.zero_()
+
+    @torch.no_grad()
+    def adopt(self, occs: Tensor, binary: Tensor) -> None:
+        """Take the state of another grid over the same cells (nerfacc's estimator) and count an update.
+
+        occs [R^3] and binary [R^3] or [R, R, R], cells in this grid's order (x-major).
+        """
+        self.occs.copy_(occs.reshape(-1).to(self.occs))
+        self.binary.copy_(binary.reshape(self.binary.shape).to(self.binary))
+        self.n_updates += 1
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        keys = {name: prefix + name for name in self.STATE}
+        absent = [k for k in keys.values() if k not in state_dict]
+        problem = None
+        if absent:
+            problem = f"has no occupancy grid state (missing {', '.join(absent)})"
+        elif state_dict[keys["occs"]].numel() != self.occs.numel():
+            n = round(state_dict[keys["occs"]].numel() ** (1.0 / 3.0))
+            problem = f"holds a {n}^3 occupancy grid, this renderer's grid_resolution is {self.resolution}"
+        if problem is None:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            return
+        # The grid is a cache of the field: start afresh rather than fail the whole load.
+        warnings.warn(f"checkpoint {problem}: the grid starts with every cell occupied and is rebuilt from the "
+                      "field at its next update (renders until then are unpruned, so a resumed run may differ)",
+                      stacklevel=2)
+        self.reset()
+
     def _cell_points(self, idx: Tensor) -> Tensor:
         """Random world points inside cells ``idx`` [K] -> [K, 3]."""
         u = torch.rand(idx.shape[0], 3, device=self.occs.device)
@@ -52,11 +100,11 @@ class OccupancyGrid(nn.Module):
         """Refresh cells with ``occ_eval_fn(points [K, 3]) -> opacity [K, 1] or [K]``.
 
         ``warmup``: refresh every cell (the first updates); otherwise a random quarter of all
-        cells and as many occupied ones.
+        cells and as many occupied ones. The first update of a grid is always a full refresh.
         """
         n = self.occs.numel()
         dev = self.occs.device
-        if warmup:
+        if warmup or int(self.n_updates) == 0:
             idx = torch.arange(n, device=dev)
         else:
             k = n // 4

@@ -16,6 +16,11 @@ runs, so the network only sees occupied space; compositing is dense over ``[n_ra
 nerfacc importable, ``implementation`` not ``torch``): nerfacc's ``OccGridEstimator`` marches the
 rays with the same step and the packed CUDA scan composites.
 
+Checkpoints: the occupancy grid's state (``occupancy.occs``, ``occupancy.binary``,
+``occupancy.n_updates``) is in the renderer's state dict whichever path keeps it up to date, so a
+resumed run prunes like the uninterrupted one, and a CUDA run resumes on CPU and back (see
+``_estimator_for`` for how nerfacc's grid maps onto it).
+
 Outputs (``B,H,W`` from the rays): ``comp_rgb`` [B,H,W,3] (over the background), ``comp_rgb_fg``
 (over black), ``comp_rgb_bg``, ``opacity`` [B,H,W,1], ``depth`` [B,H,W,1] (expected ray distance,
 composited over 0), ``comp_normal`` [B,H,W,3] (``sum_i w_i (n_i + 1) / 2``: world normals in
@@ -160,11 +165,31 @@ class NeRFVolumeRenderer(BaseRenderer):
         return nerfacc_backend.available()
 
     def _estimator_for(self, device: torch.device) -> Any:
+        """nerfacc's grid, built on first use from the state of ``self.occupancy``.
+
+        The estimator lives outside the module tree (its buffers are not in checkpoints); the
+        persistent copy is ``self.occupancy``, mirrored after every nerfacc update. With one level
+        the state maps one to one: ``est.occs`` [R^3] <-> ``occupancy.occs`` [R^3] (both x-major,
+        nerfacc's cells come from ``meshgrid(..., indexing="ij")`` like ours), ``est.binaries``
+        [1, R, R, R] <-> ``occupancy.binary`` [R, R, R] (nerfacc does not dilate; the mirrored mask
+        is nerfacc's own), ``est.aabbs`` / ``est.resolution`` <-> radius and grid_resolution from
+        the config. nerfacc keeps no update counter (it decides warm-up from the step);
+        ``occupancy.n_updates`` counts the updates of either path.
+        """
         est = self.__dict__["_estimator"]
         if est is None:
             est = nerfacc_backend.make_estimator(self.radius, self.cfg.grid_resolution, device)
+            with torch.no_grad():
+                # A fresh grid is all-occupied (as the torch path), not nerfacc's all-empty start.
+                est.occs.copy_(self.occupancy.occs.reshape(est.occs.shape).to(est.occs))
+                est.binaries.copy_(self.occupancy.binary.reshape(est.binaries.shape).to(est.binaries))
             self.__dict__["_estimator"] = est
         return est
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Loaded grid state reaches nerfacc by rebuilding its estimator from self.occupancy.
+        self.__dict__["_estimator"] = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _density_fn(self, points: Tensor) -> Tensor:
         geo = self.geometry
@@ -184,6 +209,8 @@ class NeRFVolumeRenderer(BaseRenderer):
         super().update_step(epoch, global_step, on_load_weights)
         if not self.cfg.grid_prune or self.geometry is None or on_load_weights:
             return
+        if global_step % self.cfg.occ_update_interval != 0:
+            return
         step = self.step_size
 
         def occ_eval_fn(x: Tensor) -> Tensor:
@@ -191,15 +218,18 @@ class NeRFVolumeRenderer(BaseRenderer):
 
         param = next(iter(self.geometry.parameters()), None)
         device = param.device if param is not None else self.occupancy.occs.device
+        if self.occupancy.occs.device != device:
+            self.occupancy.to(device)
         if self._use_nerfacc(device):
+            est = self._estimator_for(device)
+            # A grid with no updates yet (fresh, or restored without state) refreshes every cell.
+            warmup_steps = self.cfg.occ_warmup_steps if int(self.occupancy.n_updates) > 0 else global_step + 1
             nerfacc_backend.update_estimator(
-                self._estimator_for(device), global_step, occ_eval_fn, self.cfg.occ_threshold,
-                self.cfg.occ_ema_decay, self.cfg.occ_warmup_steps, self.cfg.occ_update_interval,
+                est, global_step, occ_eval_fn, self.cfg.occ_threshold,
+                self.cfg.occ_ema_decay, warmup_steps, self.cfg.occ_update_interval,
             )
-            return
-        if global_step % self.cfg.occ_update_interval == 0:
-            if self.occupancy.occs.device != device:
-                self.occupancy.to(device)
+            self.occupancy.adopt(est.occs, est.binaries)
+        else:
             with torch.no_grad():
                 self.occupancy.update(
                     occ_eval_fn, self.cfg.occ_threshold, self.cfg.occ_ema_decay,
