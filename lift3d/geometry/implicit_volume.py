@@ -294,6 +294,9 @@ class ImplicitVolume(HashGridField):
         smooth, _ = self._smooth_field(pts)
         return self._activation(smooth).view(*shape, 1)
 
+    #: ``forward_field`` is a density (an extinction): conversions may fill what it hides.
+    field_is_density = True
+
     def forward_field(self, points: Tensor) -> Tensor:
         return self.forward_density(points)
 
