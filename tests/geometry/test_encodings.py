@@ -70,16 +70,46 @@ def test_hashgrid_matches_scalar_reference_dense_and_hashed_levels():
     torch.testing.assert_close(slow.detach(), fast)
 
 
+def table_grad(enc: HashGridEncoding, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """d(sum(enc(x) * g)) / d(table); points needing gradients take the plain autograd path."""
+    enc.embeddings.grad = None
+    (enc(x) * g).sum().backward()
+    return enc.embeddings.grad.clone()
+
+
+def assert_table_grad_matches_autograd(enc: HashGridEncoding, x: torch.Tensor) -> None:
+    g = torch.randn(x.shape[0], enc.n_output_dims)
+    fast_grad = table_grad(enc, x, g)
+    torch.testing.assert_close(fast_grad, table_grad(enc, x.clone().requires_grad_(True), g), atol=1e-5, rtol=1e-5)
+    assert fast_grad.abs().sum() > 0
+
+
 def test_hashgrid_table_gradient_fast_equals_autograd():
     enc, _ = small_grid(chunk_size=16)
+    assert_table_grad_matches_autograd(enc, torch.rand(100, 3))
+
+
+@pytest.mark.parametrize("n_features", [1, 3, 4])
+def test_hashgrid_any_feature_count_matches_reference_and_autograd(n_features):
+    # 1 and 3 channels take the one-real-row-per-channel path, 4 packs two complex rows.
+    enc, cfg = small_grid(n_features_per_level=n_features, chunk_size=7)
+    x = torch.rand(23, 3)
+    ref = reference_encode(enc, x, cfg["base_resolution"], cfg["per_level_scale"], cfg["log2_hashmap_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x).double(), ref, atol=1e-5, rtol=1e-5)
+    assert_table_grad_matches_autograd(enc, x)
+
+
+@pytest.mark.parametrize("n_features", [2, 3])
+def test_hashgrid_backward_recomputes_corners_beyond_the_save_budget(monkeypatch, n_features):
+    from lift3d.geometry.encodings import _HashGridFunction
+
+    enc, _ = small_grid(n_features_per_level=n_features, chunk_size=16)
     x = torch.rand(100, 3)
     g = torch.randn(100, enc.n_output_dims)
-    (enc(x) * g).sum().backward()
-    fast_grad = enc.embeddings.grad.clone()
-    enc.embeddings.grad = None
-    (enc(x.clone().requires_grad_(True)) * g).sum().backward()
-    torch.testing.assert_close(fast_grad, enc.embeddings.grad, atol=1e-5, rtol=1e-5)
-    assert fast_grad.abs().sum() > 0
+    kept = table_grad(enc, x, g)
+    monkeypatch.setattr(_HashGridFunction, "SAVE_BUDGET_BYTES", 0)
+    torch.testing.assert_close(table_grad(enc, x, g), kept, atol=1e-6, rtol=1e-6)
 
 
 def test_hashgrid_gradcheck_float64():
