@@ -100,3 +100,74 @@ def test_shipped_weights_load_and_sample():
     # the object is red and sits on a black background
     centre = img[0, :, 24:40, 24:40].mean(dim=(1, 2))
     assert centre[0] > centre[1] + 0.1 and float(img[0, :, :3, :3].max()) < 0.2
+
+
+def test_ray_map_points_each_pixel_at_the_world():
+    from lift3d.priors.toyworld.data import camera_from_vector, camera_vector, ray_map
+    from lift3d.utils.cameras import camera_positions
+
+    elev, azim, dist = torch.tensor([20.0, -5.0]), torch.tensor([30.0, -150.0]), torch.tensor([1.9, 2.2])
+    cam = camera_vector(elev, azim, dist)
+    for got, want in zip(camera_from_vector(cam), (elev, azim, dist)):
+        torch.testing.assert_close(got, want)
+    rays = ray_map(cam, resolution=16)
+    d, m = rays[:, :3], rays[:, 3:]
+    torch.testing.assert_close(d.norm(dim=1), torch.ones(2, 16, 16))
+    # the centre rays look at the origin: their direction is minus the camera position, moment ~0
+    centre = d[:, :, 7:9, 7:9].mean(dim=(2, 3))
+    pos = camera_positions(elev, azim, dist)
+    torch.testing.assert_close(centre, -pos / pos.norm(dim=-1, keepdim=True), atol=2e-3, rtol=0)
+    assert m[:, :, 7:9, 7:9].abs().max() < 0.15 < m.abs().max()
+    # the moment is the same for every point along the ray: o x d == (o + s d) x d
+    o = pos[:, :, None, None].expand(-1, -1, 16, 16)
+    torch.testing.assert_close(torch.cross(o + 0.7 * d, d, dim=1), m, atol=1e-5, rtol=0)
+
+
+def test_ray_conditioned_model_starts_from_an_unconditioned_one(tmp_path):
+    from lift3d.priors.toyworld.train import init_weights
+
+    torch.manual_seed(0)
+    plain = ToyWorldPrior(TINY)
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = plain.save(tmp_path / "plain.safetensors")
+    rays = ToyWorldPrior({**TINY, "ray_conditioning": True})
+    init_weights(rays, str(path))
+    x, t, tok, cam = _inputs()
+    torch.testing.assert_close(rays(x, t, tok, cam), plain(x, t, tok, cam))  # zero-initialised new channels
+    with torch.no_grad():
+        rays.unet.conv_in.weight[:, 12:].normal_(std=0.05)
+    out = rays(x, t, tok, cam)
+    assert not torch.allclose(out, plain(x, t, tok, cam), atol=1e-4)
+    # the ray channels carry the view on their own: with the camera MLP silenced, a camera turned
+    # by 90 degrees still changes the output
+    with torch.no_grad():
+        rays.camera_mlp[-1].weight.zero_()
+        rays.camera_mlp[-1].bias.zero_()
+    out = rays(x, t, tok, cam)
+    turned = cam.clone()
+    turned[:, 1], turned[:, 2] = cam[:, 2], -cam[:, 1]
+    assert not torch.allclose(out, rays(x, t, tok, turned), atol=1e-4)
+    wrong = ToyWorldPrior({**TINY, "block_out_channels": [16, 16]})
+    with pytest.raises(ValueError, match="has shape"):
+        init_weights(wrong, str(path))
+
+
+def test_focus_prompts_fill_their_share_of_each_batch(tmp_path):
+    from lift3d.priors.toyworld.data import ToyWorldDataset
+    from lift3d.priors.toyworld.shapes import list_prompts
+    from lift3d.priors.toyworld.train import TrainConfig, focus_pool, with_focus
+
+    ds = ToyWorldDataset(batch_size=8, seed=0, resolution=8, num_samples=96, cache_dir=str(tmp_path))
+    cfg = TrainConfig(focus_prompts=["a snowman", "a chair"], focus_fraction=0.5, num_samples=96)
+    pool = focus_pool(cfg, ds)
+    wanted = {list_prompts().index("a snowman"), list_prompts().index("a chair")}
+    assert len(pool) > 0 and set(ds._finite_data()["prompt_index"][pool].tolist()) <= wanted
+    plain = ds.batch(0)
+    a, b = with_focus(plain, ds, pool, cfg, step=3), with_focus(plain, ds, pool, cfg, step=3)
+    assert set(a["prompt_index"][4:].tolist()) <= wanted
+    torch.testing.assert_close(a["prompt_index"][:4], plain["prompt_index"][:4])
+    torch.testing.assert_close(a["image"], b["image"])  # the draw is the step's: resumable
+    assert focus_pool(TrainConfig(), ds) is None
+    with pytest.raises(ValueError, match="not toy-world prompts"):
+        focus_pool(TrainConfig(focus_prompts=["a red snowman"], focus_fraction=0.5), ds)

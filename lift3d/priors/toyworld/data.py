@@ -84,6 +84,26 @@ def camera_vector(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor) 
     )
 
 
+def camera_from_vector(camera: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The inverse of :func:`camera_vector`: (elevation, azimuth, distance) [B] from [B, 4]."""
+    elevation = camera[:, 0] * 90.0
+    azimuth = torch.rad2deg(torch.atan2(camera[:, 1], camera[:, 2]))
+    distance = camera[:, 3] * DISTANCE_HALF_RANGE + DISTANCE_CENTRE
+    return elevation, azimuth, distance
+
+
+def ray_map(camera: Tensor, resolution: int = RESOLUTION, fovy_deg: float = FOVY) -> Tensor:
+    """Per-pixel Pluecker coordinates of the camera's rays, [B, 6, H, W]: direction d, moment o x d.
+
+    World frame, so a pixel's six numbers say where in the world its ray passes: the front of an
+    object (+x) is found by a local rule rather than decoded from a global camera vector.
+    """
+    elevation, azimuth, distance = camera_from_vector(camera.float())
+    cams = make_cameras(elevation, azimuth, distance, torch.full_like(elevation, fovy_deg), resolution, resolution)
+    o, d = cams["rays_o"], cams["rays_d"]
+    return torch.cat([d, torch.cross(o, d, dim=-1)], dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
 def _sample_generator(seed: int, *index: int) -> torch.Generator:
     # SeedSequence mixes (seed, index) so neighbouring seeds do not give shifted streams.
     state = np.random.SeedSequence([int(seed), *map(int, index)]).generate_state(2, dtype=np.uint32)

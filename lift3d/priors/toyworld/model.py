@@ -9,7 +9,10 @@ Conditioning: a learned embedding per token of the toy vocabulary (mean over the
 tokens), an MLP of the camera vector (elevation/90, sin az, cos az, normalised distance), summed
 and added to the UNet's timestep embedding (``class_embed_type="identity"``). Classifier-free
 guidance: during training the text embedding is replaced by a learned null embedding with
-probability ``p_uncond``; the camera is always given.
+probability ``p_uncond``; the camera is always given. With ``ray_conditioning`` the camera also
+enters as a per-pixel ray map (Pluecker coordinates, six channels beside the image), which tells
+every pixel where its ray passes in the world, so which side of an object faces the camera is a
+local question for the convolutions.
 
 Weights are saved as safetensors with the model config in the file's metadata, so a file is
 self-describing and loads without pickle.
@@ -55,6 +58,11 @@ class ToyPriorConfig:
     """GroupNorm groups."""
     camera_dim: int = 4
     """Size of the camera vector."""
+    ray_conditioning: bool = False
+    """Also give the UNet each pixel's camera ray (Pluecker coordinates, 6 channels, computed from the
+    camera vector) as input channels: the view enters where the image is, not only as a global bias."""
+    ray_fovy: float = 40.0
+    """Field of view (degrees) of the ray map; the toy world's cameras."""
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     """What the network predicts."""
     num_train_timesteps: int = 1000
@@ -85,7 +93,7 @@ class ToyWorldPrior(nn.Module):
         ch = 3 * s * s
         self.unet = UNet2DModel(
             sample_size=c.resolution // s,
-            in_channels=ch,
+            in_channels=ch + (6 * s * s if c.ray_conditioning else 0),
             out_channels=ch,
             block_out_channels=tuple(c.block_out_channels),
             layers_per_block=c.layers_per_block,
@@ -113,6 +121,11 @@ class ToyWorldPrior(nn.Module):
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor, camera: Tensor, drop_text: Tensor | None = None) -> Tensor:
         s = self.cfg.space_to_depth
         cond = self.text_embedding(tokens, drop_text) + self.camera_mlp(camera.to(x.dtype))
+        if self.cfg.ray_conditioning:
+            from lift3d.priors.toyworld.data import ray_map
+
+            rays = ray_map(camera, self.cfg.resolution, self.cfg.ray_fovy).to(x)
+            x = torch.cat([x, rays], dim=1)
         h = F.pixel_unshuffle(x, s) if s > 1 else x
         out = self.unet(h, t, class_labels=cond).sample
         return F.pixel_shuffle(out, s) if s > 1 else out

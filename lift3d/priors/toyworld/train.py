@@ -64,6 +64,15 @@ class TrainConfig:
     training in slices of machine time: the result equals one uninterrupted run."""
     model: dict[str, Any] = field(default_factory=dict)
     """ToyPriorConfig overrides."""
+    focus_prompts: list[str] = field(default_factory=list)
+    """Prompts over-represented in every batch, e.g. the snowman, chair and mug, the only objects
+    whose front and back the camera conditioning has to tell apart; empty: the data's uniform mix."""
+    focus_fraction: float = 0.0
+    """Share of each batch drawn (per step, from that step's seed) from the focus prompts' images."""
+    init_from: Optional[str] = None
+    """Start from the weights of this safetensors file (fine-tuning; "shipped": the packaged weights).
+    Input channels the new model has and the file lacks (``model.ray_conditioning``) start at zero,
+    so step 0 computes what the file's model computes."""
 
 
 def _step_generator(seed: int, step: int, tag: int) -> torch.Generator:
@@ -97,6 +106,62 @@ def diffusion_loss(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tens
     return per.mean()
 
 
+def focus_pool(cfg: TrainConfig, ds: Any) -> torch.Tensor | None:
+    """Indices of the data set's images of ``cfg.focus_prompts`` (None when there is no focus)."""
+    if not cfg.focus_prompts or cfg.focus_fraction <= 0:
+        return None
+    from lift3d.priors.toyworld.shapes import list_prompts
+
+    prompts = list_prompts()
+    unknown = [p for p in cfg.focus_prompts if p not in prompts]
+    if unknown:
+        raise ValueError(f"train.focus_prompts: {unknown} are not toy-world prompts; valid: {', '.join(prompts)}")
+    if not 0 < cfg.focus_fraction <= 1:
+        raise ValueError(f"train.focus_fraction must be in (0, 1], got {cfg.focus_fraction}")
+    wanted = torch.tensor([prompts.index(p) for p in cfg.focus_prompts])
+    pool = torch.nonzero(torch.isin(ds._finite_data()["prompt_index"], wanted)).flatten()
+    if len(pool) == 0:
+        raise ValueError(f"train.focus_prompts: no image of {cfg.focus_prompts} among the {cfg.num_samples} samples")
+    return pool
+
+
+def with_focus(batch: dict[str, torch.Tensor], ds: Any, pool: torch.Tensor, cfg: TrainConfig,
+               step: int) -> dict[str, torch.Tensor]:
+    """Replace the last ``focus_fraction`` of ``batch`` by focus images drawn from step ``step``'s seed."""
+    from lift3d.priors.toyworld.data import collate
+
+    B = batch["image"].shape[0]
+    n = max(1, round(cfg.focus_fraction * B))
+    pick = pool[torch.randint(len(pool), (n,), generator=_step_generator(cfg.seed, step, 2))]
+    extra = collate({k: v[pick] for k, v in ds._finite_data().items()})
+    return {k: torch.cat([v[: B - n], extra[k]]) for k, v in batch.items()}
+
+
+def init_weights(model: ToyWorldPrior, path: str) -> None:
+    """Load ``path`` into ``model``; the extra input channels of a widened ``conv_in`` start at zero."""
+    from safetensors.torch import load_file
+
+    from lift3d.priors.toyworld.model import DEFAULT_WEIGHTS
+
+    src = load_file(str(DEFAULT_WEIGHTS if path == "shipped" else path))
+    own = model.state_dict()
+    for key, value in src.items():
+        if key not in own:
+            raise ValueError(f"init_from {path}: '{key}' is not a parameter of this model")
+        if own[key].shape != value.shape:
+            widened = own[key].dim() == 4 and own[key].shape[0] == value.shape[0] and own[key].shape[1] > value.shape[1]
+            if not widened:
+                raise ValueError(f"init_from {path}: '{key}' has shape {tuple(value.shape)}, the model "
+                                 f"{tuple(own[key].shape)}; only conv_in may gain input channels")
+            value = torch.cat([value, value.new_zeros(value.shape[0], own[key].shape[1] - value.shape[1],
+                                                      *value.shape[2:])], dim=1)
+        own[key] = value
+    missing = set(own) - set(src)
+    if missing:
+        raise ValueError(f"init_from {path} lacks {sorted(missing)[:5]}")
+    model.load_state_dict(own)
+
+
 def build_dataset(cfg: TrainConfig, resolution: int) -> Any:
     from lift3d.priors.toyworld.data import ToyWorldDataset
 
@@ -116,6 +181,8 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = ToyWorldPrior(parse_structured(ToyPriorConfig, {"vocab_size": len(VOCAB), **cfg.model}))
+    if cfg.init_from:
+        init_weights(model, cfg.init_from)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(model.cfg, "ddpm")
@@ -130,6 +197,7 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
         print(f"[toyworld] resuming from {ckpt_path} at step {step}")
     ds = build_dataset(cfg, model.cfg.resolution)
     n_batches = len(ds)
+    pool = focus_pool(cfg, ds)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -144,6 +212,8 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
         while step < end:
             ds.set_epoch(step // n_batches)
             batch = ds.batch(step % n_batches)
+            if pool is not None:
+                batch = with_focus(batch, ds, pool, cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
             loss = diffusion_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.min_snr_gamma)
