@@ -8,7 +8,7 @@ RSS of the run, measured in a child process) are recorded too. Prints a table an
 a JSON of all rows, to bench/results/.
 
     python bench/toyworld_t23d.py [--recipes configs/tiny/dreamfusion.yaml ...] [--prompts "a red cube" ...]
-                                  [--steps N] [--threads 1] [--out bench/results]
+                                  [--steps N] [--threads 1] [--out bench/results] [--set KEY=VALUE ...]
 
 ``--steps`` overrides trainer.max_steps (single-stage recipes) for quick looks; published numbers
 use the recipes' own schedules.
@@ -29,7 +29,8 @@ DEFAULT_RECIPES = ["configs/tiny/dreamfusion.yaml", "configs/tiny/reference.yaml
                    "configs/tiny/reference-coarse-to-fine.yaml"]
 
 
-def run_one(recipe: str, prompt: str, out_root: Path, steps: int | None, threads: int) -> dict:
+def run_one(recipe: str, prompt: str, out_root: Path, steps: int | None, threads: int,
+            overrides: tuple[str, ...] = ()) -> dict:
     """Train + export in a child process (so its peak memory is its own), then score."""
     import trimesh
 
@@ -41,6 +42,7 @@ def run_one(recipe: str, prompt: str, out_root: Path, steps: int | None, threads
                    "trainer.enable_progress_bar=false", "data.n_test_views=8"]
     if steps:
         launch_args.append(f"trainer.max_steps={steps}")
+    launch_args += list(overrides)
     # The child reports its own peak RSS on exit, so each row's memory is that run's alone.
     wrapper = ("import resource, runpy, sys\n"
                f"sys.argv = ['launch.py'] + {launch_args!r}\n"
@@ -115,13 +117,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides passed to every run (e.g. system.guidance.guidance_scale=10)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for recipe in args.recipes:
         for prompt in args.prompts or list_prompts():
-            rows.append(run_one(recipe, prompt, out, args.steps, args.threads))
+            rows.append(run_one(recipe, prompt, out, args.steps, args.threads, tuple(args.set)))
             print(format_table(rows[-1:]).splitlines()[2], flush=True)
     table = format_table(rows)
     print("\n" + table)
