@@ -294,9 +294,6 @@ class ImplicitVolume(HashGridField):
         smooth, _ = self._smooth_field(pts)
         return self._activation(smooth).view(*shape, 1)
 
-    #: ``forward_field`` is a density (an extinction): conversions may fill what it hides.
-    field_is_density = True
-
     def forward_field(self, points: Tensor) -> Tensor:
         return self.forward_density(points)
 
@@ -320,13 +317,16 @@ class ImplicitVolume(HashGridField):
         """``threshold - density``: negative inside. With ``"auto"`` see ``resolve_threshold``."""
         return self.resolve_threshold(field) - field
 
+    def solid_level(self, field: Tensor, spacing: float) -> Tensor:
+        """``forward_level`` of a density grid [R, R, R] with hollow interiors and what the density
+        hides filled (densities are only constrained on the visible shell): no inner surfaces.
+        ``spacing`` is the distance between grid samples. DMTet's ``create_from`` uses it too."""
+        return fill_hidden(fill_cavities(self.forward_level(field)), field, spacing)
+
     def isosurface(self) -> Mesh:
         """Marching cubes of the density at ``isosurface_resolution``; raises IsosurfaceError if empty."""
         R = self.cfg.isosurface_resolution
-        field = self._eval_grid_field(R)
-        # Densities are only constrained on the visible shell: fill hollow interiors (no inner surfaces).
-        level = fill_cavities(self.forward_level(field))
-        level = fill_hidden(level, field, 2.0 * self.cfg.radius / (R - 1))
+        level = self.solid_level(self._eval_grid_field(R), 2.0 * self.cfg.radius / (R - 1))
         return marching_cubes_grid(level, self.cfg.radius, what="density field")
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lift3d.geometry.base import BaseGeometry, BaseImplicitGeometry, IsosurfaceError
-from lift3d.geometry.isosurface import fill_cavities, fill_hidden
+from lift3d.geometry.isosurface import fill_cavities
 from lift3d.geometry.tets import marching_tets, tet_grid
 from lift3d.registry import register
 from lift3d.utils.mesh import Mesh
@@ -397,13 +397,14 @@ class TetrahedraSDFGrid(FeatureFieldGeometry):
                 pts = new.grid_vertices
                 # The level of the whole grid at once: an "auto" threshold depends on all of the field.
                 field = torch.cat([other.forward_field(p) for p in pts.split(65536)])
-                level = other.forward_level(field).reshape(-1)
-                if getattr(other, "field_is_density", False):
-                    # As the NeRF's own isosurface does: fill what is hidden behind its inside, so a
-                    # shell that leaks at the chosen level still converts to a solid.
+                solid_level = getattr(other, "solid_level", None)
+                if solid_level is not None:
+                    # A density field fills what it hides, as its own isosurface does, so a shell
+                    # that leaks at the chosen level still converts to a solid.
                     n = new.cfg.isosurface_resolution + 1
-                    level = fill_hidden(fill_cavities(level.reshape(n, n, n)), field.reshape(n, n, n),
-                                        new.cell_size).reshape(-1)
+                    level = solid_level(field.reshape(n, n, n), new.cell_size).reshape(-1)
+                else:
+                    level = other.forward_level(field).reshape(-1)
                 new.sdf.copy_(new.sdf_from_level(level.to(new.sdf)))
             else:
                 mesh = other.isosurface()

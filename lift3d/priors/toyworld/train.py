@@ -149,7 +149,8 @@ def init_weights(model: ToyWorldPrior, path: str) -> None:
         if key not in own:
             raise ValueError(f"init_from {path}: '{key}' is not a parameter of this model")
         if own[key].shape != value.shape:
-            widened = own[key].dim() == 4 and own[key].shape[0] == value.shape[0] and own[key].shape[1] > value.shape[1]
+            widened = (key == "unet.conv_in.weight" and own[key].shape[0] == value.shape[0]
+                       and own[key].shape[1] > value.shape[1])
             if not widened:
                 raise ValueError(f"init_from {path}: '{key}' has shape {tuple(value.shape)}, the model "
                                  f"{tuple(own[key].shape)}; only conv_in may gain input channels")
