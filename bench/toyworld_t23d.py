@@ -43,13 +43,21 @@ def run_one(recipe: str, prompt: str, out_root: Path, steps: int | None, threads
     if steps:
         launch_args.append(f"trainer.max_steps={steps}")
     launch_args += list(overrides)
-    # The child reports its own peak RSS on exit, so each row's memory is that run's alone.
+    # The child reports its own peak RSS on exit, so each row's memory is that run's alone. On Linux
+    # that is VmHWM: ru_maxrss survives fork + exec, so a child of this (large, scoring) process
+    # would report at least this process's size at the fork (rows after the first once read ~3.5 GB).
     wrapper = ("import resource, runpy, sys\n"
                f"sys.argv = ['launch.py'] + {launch_args!r}\n"
+               "def peak_kb():\n"
+               "    try:\n"
+               "        with open('/proc/self/status') as f:\n"
+               "            return next(int(l.split()[1]) for l in f if l.startswith('VmHWM:'))\n"
+               "    except (OSError, StopIteration):\n"
+               "        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
                "try:\n"
                f"    runpy.run_path({str(REPO / 'launch.py')!r}, run_name='__main__')\n"
                "finally:\n"
-               "    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
+               "    print('PEAK_KB', peak_kb(), flush=True)\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", wrapper], env=env, capture_output=True, text=True, cwd=REPO)

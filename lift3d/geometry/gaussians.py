@@ -243,6 +243,11 @@ class GaussianModel(BaseGeometry):
         """Grid resolution for marching cubes."""
         isosurface_sigmas: float = 3.0
         """Cut-off of each Gaussian in standard deviations when summing density and colours."""
+        isosurface_fill: bool = True
+        """Make space that renders hidden solid before marching cubes: enclosed pockets, and points that every axis
+        direction sees only through 50% opacity (``fill_hidden``). SDS leaves a patchy shell of faint Gaussians
+        whose density dips below any level between them although it renders opaque; unfilled, its isosurface is
+        a sponge ("a red cube" on dreamgaussian: IoU 0.10 unfilled, 0.64 filled)."""
 
     cfg: Config
 
@@ -474,6 +479,10 @@ class GaussianModel(BaseGeometry):
     def isosurface(self) -> Mesh:
         """Marching cubes on the summed density at ``density_thresh`` over [-radius, radius]^3.
 
+        With ``isosurface_fill`` (the default) the hidden inside is made solid first, with the
+        extinction field below, so the surface is the outside of what renders opaque, never an inner
+        face of a shell or the sponge of a shell whose Gaussians do not overlap at the level.
+
         ``density_thresh: auto`` takes the level whose surface best matches the rendered one
         (:func:`lift3d.geometry.isosurface.opacity_matched_level`): along orthographic rays from
         20 directions, where the Gaussians' opacity reaches 50%. The opacity comes from an
@@ -498,26 +507,30 @@ class GaussianModel(BaseGeometry):
         a chair        0.60 (1.18)  0.81 (0.20)  0.81        0.86
         =============  ===========  ===========  ==========  ==========
         """
-        from lift3d.geometry.isosurface import grid_points, marching_cubes_grid
+        from lift3d.geometry.isosurface import fill_cavities, fill_hidden, grid_points, marching_cubes_grid
 
         R, radius = self.cfg.isosurface_resolution, self.cfg.radius
         pts = grid_points(R, radius, device=self.xyz.device).reshape(-1, 3)
-        ext = None
-        if self.cfg.density_thresh == "auto":
-            means, cov_inv, extent, w = self._field_inputs()
-            thickness = math.sqrt(2.0 * math.pi) * torch.exp(self.scaling.detach().mean(-1))  # [N]
-            tau = -torch.log1p(-w.clamp(max=0.99))  # optical depth of an opacity (alpha clamp as the renderer)
-            # One pass: the density weights are the opacities, so the extinction rides along as a value.
-            per_opacity = torch.where(w > 1e-6, tau / w.clamp(min=1e-6), torch.ones_like(w)) / thickness
-            dens, acc = gaussian_field_sum(pts.to(means), means, cov_inv, extent, w, per_opacity[:, None])
-            dens, ext = dens.reshape(R, R, R), acc.reshape(R, R, R)
-        else:
-            dens = self.density(pts).reshape(R, R, R)
+        dens, ext = self._density_and_extinction(pts)
+        dens, ext = dens.reshape(R, R, R), ext.reshape(R, R, R)
         thr = self._density_threshold(dens, ext)
+        level = thr - dens
+        if self.cfg.isosurface_fill:
+            level = fill_hidden(fill_cavities(level), ext, 2.0 * radius / (R - 1))
         try:
-            return marching_cubes_grid(thr - dens, radius, what="Gaussian density")
+            return marching_cubes_grid(level, radius, what="Gaussian density")
         except IsosurfaceError as exc:
             raise IsosurfaceError(f"{exc} (gaussian-splatting density_thresh={thr:.4g})") from None
+
+    def _density_and_extinction(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed density and the extinction field (per world unit) at points [P, 3], in one pass."""
+        means, cov_inv, extent, w = self._field_inputs()
+        thickness = math.sqrt(2.0 * math.pi) * torch.exp(self.scaling.detach().mean(-1))  # [N]
+        tau = -torch.log1p(-w.clamp(max=0.99))  # optical depth of an opacity (alpha clamp as the renderer)
+        # The density weights are the opacities, so the extinction rides along as a value.
+        per_opacity = torch.where(w > 1e-6, tau / w.clamp(min=1e-6), torch.ones_like(w)) / thickness
+        dens, acc = gaussian_field_sum(points.to(means), means, cov_inv, extent, w, per_opacity[:, None])
+        return dens, acc[:, 0]
 
     def export_attributes(self, points: Tensor) -> dict[str, Tensor]:
         """``features`` [N, 3]: density-weighted view-independent colour of the Gaussians near each point."""

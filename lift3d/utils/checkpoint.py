@@ -66,7 +66,7 @@ class LastCheckpoint(Callback):
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
         path = self.last_path
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the optimiser state too, for resuming
         if self.keep_all and trainer.is_global_zero:
             shutil.copyfile(path, self.dirpath / f"step={trainer.global_step}.ckpt")
         pl_module.last_checkpoint = str(path)

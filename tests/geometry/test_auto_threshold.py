@@ -192,6 +192,7 @@ def test_gaussian_auto_level_finds_the_shell_where_the_old_rule_fails():
         sel = geo.get_opacity.squeeze(-1) > 0.5
         old = 0.5 * float(geo.density(geo.xyz[sel]).median())
     geo.cfg.density_thresh = old
+    geo.cfg.isosurface_fill = False  # the level set itself (filling would grow it into the hidden space)
     assert geo.isosurface().v_pos.norm(dim=-1).max().item() < 0.3  # the shell is gone
 
 

@@ -194,17 +194,44 @@ def test_isosurface_of_gaussians_on_a_sphere():
     n = 3000
     g = torch.Generator().manual_seed(0)
     pts = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1) * 0.5
-    geo = GaussianModel({"init": "points", "init_scale": 0.03, "init_opacity": 0.9, "isosurface_resolution": 48,
-                         "radius": 0.8}, init_points=pts)
-    mesh = geo.isosurface()
+    cfg = {"init": "points", "init_scale": 0.03, "init_opacity": 0.9, "isosurface_resolution": 48, "radius": 0.8}
+    mesh = GaussianModel({**cfg, "isosurface_fill": False}, init_points=pts).isosurface()
     r = mesh.v_pos.norm(dim=-1)
-    # A thin shell around r = 0.5: both of its faces lie within a few Gaussian sigmas.
+    # Unfilled, a thin shell around r = 0.5: both of its faces lie within a few Gaussian sigmas.
     assert mesh.n_faces > 500
     assert (r - 0.5).abs().max() < 0.1
     assert abs(r.mean().item() - 0.5) < 0.03
-    geo_auto = GaussianModel({"init": "points", "init_scale": 0.03, "init_opacity": 0.9, "isosurface_resolution": 32,
-                              "radius": 0.8, "density_thresh": "auto"}, init_points=pts)
+    assert r.min() < 0.47
+    # Filled (the default), only the outer face is left.
+    r = GaussianModel(cfg, init_points=pts).isosurface().v_pos.norm(dim=-1)
+    assert r.min() > 0.5 and r.max() < 0.6
+    geo_auto = GaussianModel({**cfg, "isosurface_resolution": 32, "density_thresh": "auto"}, init_points=pts)
     assert ((geo_auto.isosurface().v_pos.norm(dim=-1) - 0.5).abs().max() < 0.12)
+
+
+def _enclosed_volume(mesh) -> float:
+    tri = mesh.v_pos[mesh.t_pos_idx]
+    return float((tri[:, 0] * torch.cross(tri[:, 1], tri[:, 2], dim=-1)).sum() / 6.0)
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_isosurface_of_a_faint_shell_is_the_solid_it_renders(fill):
+    # What SDS leaves: many faint Gaussians on a sphere (each below the level, together opaque to
+    # every view) and a few opaque ones. The level set alone is a scatter of small blobs; filled,
+    # the mesh encloses the ball the shell renders as.
+    g = torch.Generator().manual_seed(0)
+    pts = torch.nn.functional.normalize(torch.randn(12300, 3, generator=g), dim=-1) * 0.5
+    geo = GaussianModel({"init": "points", "init_scale": 0.012, "init_opacity": 0.3, "isosurface_resolution": 64,
+                         "radius": 0.8, "density_thresh": 0.5, "isosurface_fill": fill}, init_points=pts)
+    with torch.no_grad():
+        geo.opacity[12000:] = 3.0  # opacity 0.95
+    mesh = geo.isosurface()
+    ball = 4.0 / 3.0 * math.pi * 0.5**3
+    if fill:
+        assert _enclosed_volume(mesh) > 0.85 * ball
+        assert mesh.v_pos.norm(dim=-1).max() < 0.55
+    else:
+        assert _enclosed_volume(mesh) < 0.25 * ball
 
 
 def test_export_attributes_colour_near_surface():

@@ -171,3 +171,30 @@ def test_focus_prompts_fill_their_share_of_each_batch(tmp_path):
     assert focus_pool(TrainConfig(), ds) is None
     with pytest.raises(ValueError, match="not toy-world prompts"):
         focus_pool(TrainConfig(focus_prompts=["a red snowman"], focus_fraction=0.5), ds)
+
+
+def test_random_backgrounds_recolour_only_the_background(tmp_path):
+    from lift3d.priors.toyworld.data import ToyWorldDataset
+    from lift3d.priors.toyworld.train import random_backgrounds
+
+    ds = ToyWorldDataset(batch_size=8, seed=0, resolution=16, num_samples=8, cache_dir=str(tmp_path))
+    batch = ds.batch(0)
+    img, mask = batch["image"], batch["mask"]
+    out = random_backgrounds(img, mask, 1.0, torch.Generator().manual_seed(0))
+    obj, bg = mask.expand_as(img) > 0.5, mask.expand_as(img) < 0.5
+    assert obj.any() and bg.any()
+    torch.testing.assert_close(out[obj], img[obj])  # the object's pixels are untouched
+    assert (img[bg] == -1.0).all()  # the renders are over black...
+    per_image = [out[i][bg[i]].reshape(3, -1) for i in range(8)]
+    for p in per_image:  # ...and now each over one colour of its own
+        assert (p - p[:, :1]).abs().max() < 1e-6
+    colours = torch.stack([p[:, 0] for p in per_image])
+    assert colours.std(0).min() > 0.1
+    again = random_backgrounds(img, mask, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, out)  # drawn from the step's generator: resumable
+    kept = random_backgrounds(img, mask, 0.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(kept, img)
+    half = random_backgrounds(img, mask, 0.5, torch.Generator().manual_seed(1))
+    n_changed = sum(not torch.equal(half[i], img[i]) for i in range(8))
+    assert 0 < n_changed < 8
+

@@ -69,6 +69,11 @@ class TrainConfig:
     whose front and back the camera conditioning has to tell apart; empty: the data's uniform mix."""
     focus_fraction: float = 0.0
     """Share of each batch drawn (per step, from that step's seed) from the focus prompts' images."""
+    random_background: float = 0.0
+    """Share of training images put on a random solid colour (uniform RGB, drawn from the step's seed)
+    instead of black. On black alone a dim surface and a half-transparent one look the same, so SDS
+    lets dark objects and shadowed sides fade out; a recipe with a random background tells them apart
+    only if the prior has seen objects on other colours."""
     init_from: Optional[str] = None
     """Start from the weights of this safetensors file (fine-tuning; "shipped": the packaged weights).
     Input channels the new model has and the file lacks (``model.ray_conditioning``) start at zero,
@@ -86,11 +91,30 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def random_backgrounds(image: torch.Tensor, mask: torch.Tensor, share: float, g: torch.Generator) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] over black, with a ``share`` of them put on a random solid colour.
+
+    ``mask`` [B, 1, H, W] is the object's coverage; the renders are ``albedo * shading * mask`` over
+    black, so adding ``(1 - mask) * colour`` composites them over that colour exactly.
+    """
+    B = image.shape[0]
+    chosen = (torch.rand(B, generator=g) < share).to(image.dtype)[:, None, None, None]
+    colour = torch.rand(B, 3, generator=g).to(image.dtype)[:, :, None, None]
+    over = (image + 1.0) * 0.5 + (1.0 - mask) * colour
+    return torch.where(chosen > 0, over * 2.0 - 1.0, image)
+
+
 def diffusion_loss(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tensor], g: torch.Generator,
-                   min_snr_gamma: float | None) -> torch.Tensor:
-    """The denoising loss on one batch, all randomness drawn from ``g``."""
+                   min_snr_gamma: float | None, random_background: float = 0.0,
+                   g_background: torch.Generator | None = None) -> torch.Tensor:
+    """The denoising loss on one batch, all randomness drawn from ``g`` (backgrounds: ``g_background``).
+
+    The backgrounds have a generator of their own, so the other draws of a step do not depend on them.
+    """
     x0 = batch["image"]
     B = x0.shape[0]
+    if random_background > 0:
+        x0 = random_backgrounds(x0, batch["mask"], random_background, g_background or torch.Generator())
     t = torch.randint(0, model.cfg.num_train_timesteps, (B,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     drop = torch.rand(B, generator=g) < model.cfg.p_uncond
@@ -217,7 +241,8 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
                 batch = with_focus(batch, ds, pool, cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
-            loss = diffusion_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.min_snr_gamma)
+            loss = diffusion_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.min_snr_gamma,
+                                  cfg.random_background, _step_generator(cfg.seed, step, 3))
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at step {step}; last checkpoint: {ckpt_path}")
             opt.zero_grad(set_to_none=True)
