@@ -98,10 +98,10 @@ def random_backgrounds(image: torch.Tensor, mask: torch.Tensor, share: float, g:
     black, so adding ``(1 - mask) * colour`` composites them over that colour exactly.
     """
     B = image.shape[0]
-    chosen = (torch.rand(B, generator=g) < share).to(image.dtype)[:, None, None, None]
+    chosen = torch.rand(B, generator=g) < share
     colour = torch.rand(B, 3, generator=g).to(image.dtype)[:, :, None, None]
-    over = (image + 1.0) * 0.5 + (1.0 - mask) * colour
-    return torch.where(chosen > 0, over * 2.0 - 1.0, image)
+    over = image + 2.0 * (1.0 - mask) * colour  # in [-1, 1] units: black (-1) + 2 * colour
+    return torch.where(chosen[:, None, None, None], over, image)
 
 
 def diffusion_loss(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tensor], g: torch.Generator,
