@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= a red cube
-DEMO_CONFIG ?= configs/tiny/dreamfusion.yaml
+DEMO_CONFIG ?= configs/tiny/dreamgaussian.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lift3d-installed
 

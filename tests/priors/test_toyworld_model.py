@@ -198,3 +198,77 @@ def test_random_backgrounds_recolour_only_the_background(tmp_path):
     n_changed = sum(not torch.equal(half[i], img[i]) for i in range(8))
     assert 0 < n_changed < 8
 
+
+
+def test_feature_regions_cover_the_feature_and_its_janus_twin():
+    from lift3d.priors.toyworld.data import feature_regions
+    from lift3d.priors.toyworld.render import render
+    from lift3d.priors.toyworld.shapes import CATALOGUE, list_prompts
+    from lift3d.utils.cameras import make_cameras
+
+    P = list_prompts()
+    params = {"prompt_index": torch.tensor([P.index("a snowman"), P.index("a red cube"), P.index("a snowman")]),
+              "elevation": torch.tensor([10.0, 10.0, 10.0]), "azimuth": torch.tensor([0.0, 0.0, 90.0]),
+              "distance": torch.tensor([2.0, 2.0, 2.0])}
+    region = feature_regions(params, resolution=32) > 0
+    assert region[1].sum() == 0  # a primitive has no front feature
+    front = make_cameras(params["elevation"], params["azimuth"], params["distance"], torch.full((3,), 40.0), 32, 32)
+    nose = render(CATALOGUE["a snowman"], front)["feature_mask"][..., 0] > 0.5
+    assert nose[0].sum() >= 3 and (region[0] >= nose[0]).all()  # the nose seen from the front...
+    assert nose[2].sum() >= 3 and (region[2] >= nose[2]).all()  # ...and from the side (image left)
+    # From the side the twin's nose points the other way: the region holds both, left and right of centre.
+    cols = region[2].nonzero(as_tuple=True)[1].float()
+    assert cols.min() < 15.5 - 3 and cols.max() > 15.5 + 3
+    assert region[2].sum() > nose[2].sum()
+
+
+def test_feature_weight_scales_the_loss_on_the_feature_region():
+    from lift3d.priors.toyworld.train import diffusion_loss
+
+    model = ToyWorldPrior(TINY)
+    sched = make_scheduler(model.cfg)
+    x, _, tokens, cam = _inputs()
+    batch = {"image": x.clamp(-1, 1), "tokens": tokens, "camera": cam, "feature_region": torch.zeros(4, 1, 16, 16)}
+    loss = lambda b, w: diffusion_loss(model, sched, b, torch.Generator().manual_seed(0), 5.0,  # noqa: E731
+                                       feature_weight=w)
+    plain = loss(batch, 0.0)
+    torch.testing.assert_close(loss(batch, 10.0), plain)  # no feature pixel: no change
+    everywhere = {**batch, "feature_region": torch.ones(4, 1, 16, 16)}
+    torch.testing.assert_close(loss(everywhere, 10.0), 11.0 * plain)
+    half = {**batch, "feature_region": torch.zeros(4, 1, 16, 16)}
+    half["feature_region"][..., :8] = 1.0
+    assert plain < loss(half, 10.0) < 11.0 * plain
+    with pytest.raises(ValueError, match="feature_region"):
+        loss({k: v for k, v in batch.items() if k != "feature_region"}, 10.0)
+
+
+def test_feature_weighted_training_data_carries_cached_regions(tmp_path):
+    from lift3d.priors.toyworld.train import TrainConfig, build_dataset
+
+    cfg = TrainConfig(feature_weight=10.0, num_samples=64, batch_size=64, cache_dir=str(tmp_path))
+    batch = build_dataset(cfg, 16).batch(0)
+    assert batch["feature_region"].shape == (64, 1, 16, 16)
+    has = batch["feature_region"].flatten(1).amax(1) > 0
+    assert has.any() and not has.all()
+    assert len(list(tmp_path.glob("*_features.npz"))) == 1
+    again = build_dataset(cfg, 16).batch(0)  # read back from the cache
+    torch.testing.assert_close(again["feature_region"], batch["feature_region"])
+    assert "feature_region" not in build_dataset(TrainConfig(num_samples=64, batch_size=64,
+                                                             cache_dir=str(tmp_path)), 16).batch(0)
+
+
+def test_azimuth_use_is_zero_for_a_camera_blind_model():
+    from lift3d.priors.toyworld.evaluate import azimuth_use
+
+    torch.manual_seed(0)
+    model = ToyWorldPrior(TINY).eval()
+    with torch.no_grad():  # a freshly built UNet zeroes its output conv: give it one that responds
+        for p in model.unet.conv_out.parameters():
+            p.normal_(0, 0.1)
+    seeing = azimuth_use(model, "a snowman", n=4, seed=1)
+    assert abs(seeing) > 1e-4
+    assert azimuth_use(model, "a snowman", n=4, seed=1) == seeing  # deterministic for a seed
+    with torch.no_grad():
+        model.camera_mlp[2].weight.zero_()
+        model.camera_mlp[2].bias.zero_()
+    assert azimuth_use(model, "a snowman", n=4, seed=1) == pytest.approx(0.0, abs=1e-6)

@@ -140,6 +140,29 @@ def render_params(params: dict[str, Tensor], resolution: int = RESOLUTION, super
     return {"image": to_u8(out["rgb"]), "mask": to_u8(out["mask"][..., 0])}
 
 
+def feature_regions(params: dict[str, Tensor], resolution: int = RESOLUTION, chunk: int = 256) -> Tensor:
+    """uint8 [N, H, W]: 255 where the object, or its Janus twin (turned 180 degrees about z), shows its
+    front feature (nose, chair back, handle) at the sample's camera; 0 everywhere for the primitives.
+
+    This is the region that decides front from back in an image (the prior evaluation's front check
+    scores the same region), and the place a loss has to look to teach the camera's azimuth.
+    """
+    n = params["prompt_index"].shape[0]
+    out = torch.zeros(n, resolution, resolution, dtype=torch.uint8)
+    has = torch.tensor([_OBJECTS[int(k)].has_feature for k in params["prompt_index"]], dtype=torch.bool)
+    idx = torch.nonzero(has).flatten()
+    for part in idx.split(chunk):
+        objs = [_OBJECTS[int(k)] for k in params["prompt_index"][part]]
+        region = torch.zeros(len(part), resolution, resolution, dtype=torch.bool)
+        for turn in (0.0, 180.0):
+            cams = make_cameras(params["elevation"][part], params["azimuth"][part] + turn, params["distance"][part],
+                                torch.full((len(part),), FOVY), resolution, resolution)
+            # A mask needs no light: a headlight keeps the call cheap and independent of the sample's.
+            region |= render(objs, cams, None)["feature_mask"][..., 0] > 0.5
+        out[part] = region.to(torch.uint8) * 255
+    return out
+
+
 def generate(seed: int, start: int, count: int, resolution: int = RESOLUTION,
              supersample: int = 1) -> dict[str, Tensor]:
     """Stream samples ``start .. start + count - 1``: params plus uint8 image and mask."""
@@ -178,7 +201,8 @@ def collate(samples: dict[str, Tensor], image_range: str = "minus_one_one") -> d
     diffusion convention, or [0, 1] for ``"zero_one"``), mask [B, 1, H, W] float in {0, 1},
     tokens [B, MAX_TOKENS] long (0 = padding), camera [B, 4] (see :func:`camera_vector`),
     prompt_index [B] long (into ``list_prompts()``), elevation, azimuth, distance [B] (degrees),
-    light_dirs [B, 3].
+    light_dirs [B, 3]; and feature_region [B, 1, H, W] in {0, 1} when the samples carry one
+    (:func:`feature_regions`).
     """
     img = samples["image"].permute(0, 3, 1, 2).float() / 255.0
     if image_range == "minus_one_one":
@@ -195,6 +219,8 @@ def collate(samples: dict[str, Tensor], image_range: str = "minus_one_one") -> d
         "azimuth": samples["azimuth"],
         "distance": samples["distance"],
         "light_dirs": samples["light_dirs"],
+        **({"feature_region": (samples["feature_region"].float() / 255.0)[:, None]}
+           if "feature_region" in samples else {}),
     }
 
 
@@ -281,6 +307,7 @@ __all__ = [
     "camera_vector",
     "sample_params",
     "render_params",
+    "feature_regions",
     "generate",
     "cache_path",
     "load_or_generate",

@@ -12,6 +12,10 @@ render of the object at the same camera:
   rendered at the same camera; over the pixels where either render shows the front feature (nose,
   chair back, handle), the sample must be closer to the true render than to the twin. Views where
   the two renders agree there (the feature hidden both ways) are not counted.
+* **azimuth use** (same three objects): how much worse the model denoises ground-truth renders at a
+  high noise level when it is told the camera turned 180 degrees (:func:`azimuth_use`). 0 means the
+  network ignores the azimuth, the cause of a front check at chance; it is deterministic and needs
+  no sampling, so it moves before the front check's counts do.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class PromptScore:
     colour_error: float
     front_correct: int
     front_counted: int
+    azimuth_use: float | None = None
 
 
 def foreground(img: Tensor) -> Tensor:
@@ -63,6 +68,40 @@ def score_samples(samples: Tensor, gt: dict[str, Tensor], twin: dict[str, Tensor
         out["front_correct"] = (d_true < d_twin) & counted
         out["front_counted"] = counted
     return out
+
+
+@torch.no_grad()
+def azimuth_use(model, prompt: str, n: int = 48, t: int = 850, turn_deg: float = 180.0, seed: int = 0) -> float:
+    """Relative increase of the x0 error when the model is given the camera turned by ``turn_deg``.
+
+    ``n`` ground-truth renders of ``prompt`` at training cameras are noised to timestep ``t`` (one
+    noise draw, shared by both passes) and denoised twice: with their true camera and with the
+    azimuth turned. Returns ``err_turned / err_true - 1``: 0 for a model blind to the azimuth; for a
+    catalogue object symmetric under the turn (a cube under 180 degrees) only noise.
+    """
+    from lift3d.priors.toyworld.data import FOVY, camera_vector, light_in_upper_hemisphere, sample_cameras
+    from lift3d.priors.toyworld.model import make_scheduler, predict_eps_x0
+    from lift3d.priors.toyworld.render import render
+    from lift3d.priors.toyworld.shapes import get_object
+    from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
+    from lift3d.utils.cameras import make_cameras
+
+    g = torch.Generator().manual_seed(seed)
+    res = model.cfg.resolution
+    elev, azim, dist = sample_cameras(n, g)
+    cams = make_cameras(elev, azim, dist, torch.full((n,), FOVY), res, res)
+    x0 = render(get_object(prompt), cams, light_in_upper_hemisphere(cams, g))["rgb"].permute(0, 3, 1, 2) * 2 - 1
+    a = make_scheduler(model.cfg).alphas_cumprod[t]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+    dev = next(model.parameters()).device
+    tt = torch.full((n,), t, dtype=torch.long)
+    tokens = pad_tokens([tokenize(prompt)] * n)
+    errs = []
+    for turn in (0.0, turn_deg):
+        out = model(x_t.to(dev), tt.to(dev), tokens.to(dev), camera_vector(elev, azim + turn, dist).to(dev)).cpu()
+        x0_pred = predict_eps_x0(model.cfg, out, x_t, a.expand(n))[1]
+        errs.append(float((x0_pred - x0).pow(2).mean()))
+    return errs[1] / max(errs[0], 1e-12) - 1.0
 
 
 def evaluate(model, prompts: list[str] | None = None, n_per_prompt: int = 8, steps: int = 50,
@@ -100,6 +139,7 @@ def evaluate(model, prompts: list[str] | None = None, n_per_prompt: int = 8, ste
             prompt, float(s["iou"].mean()), float(s["colour_error"].mean()),
             int(s["front_correct"].sum()) if twin is not None else 0,
             int(s["front_counted"].sum()) if twin is not None else 0,
+            azimuth_use(model, prompt, seed=seed) if twin is not None else None,
         ))
         rows.append([x for i in range(n_per_prompt) for x in (imgs[i].numpy(), gt["rgb"][i].numpy())])
     if grid_path:
@@ -110,10 +150,11 @@ def evaluate(model, prompts: list[str] | None = None, n_per_prompt: int = 8, ste
 
 
 def format_table(scores: list[PromptScore]) -> str:
-    lines = [f"{'prompt':<20} {'mask IoU':>8} {'colour err':>10} {'front ok':>9}"]
+    lines = [f"{'prompt':<20} {'mask IoU':>8} {'colour err':>10} {'front ok':>9} {'az use':>7}"]
     for s in scores:
         front = f"{s.front_correct}/{s.front_counted}" if s.front_counted else "-"
-        lines.append(f"{s.prompt:<20} {s.iou:8.3f} {s.colour_error:10.3f} {front:>9}")
+        use = f"{100 * s.azimuth_use:+6.1f}%" if s.azimuth_use is not None else "-"
+        lines.append(f"{s.prompt:<20} {s.iou:8.3f} {s.colour_error:10.3f} {front:>9} {use:>7}")
     n = max(len(scores), 1)
     fc = sum(s.front_correct for s in scores)
     ft = sum(s.front_counted for s in scores)

@@ -74,6 +74,11 @@ class TrainConfig:
     instead of black. On black alone a dim surface and a half-transparent one look the same, so SDS
     lets dark objects and shadowed sides fade out; a recipe with a random background tells them apart
     only if the prior has seen objects on other colours."""
+    feature_weight: float = 0.0
+    """Extra loss weight on the pixels where the object or its Janus twin shows its front feature
+    (``data.feature_regions``): 10 makes a snowman's nose count eleven times. The nose, chair back
+    and handle cover about 1% of an image, too little of the plain loss for the network to learn
+    which azimuth puts them where; 0 leaves the loss as it was."""
     init_from: Optional[str] = None
     """Start from the weights of this safetensors file (fine-tuning; "shipped": the packaged weights).
     Input channels the new model has and the file lacks (``model.ray_conditioning``) start at zero,
@@ -106,10 +111,11 @@ def random_backgrounds(image: torch.Tensor, mask: torch.Tensor, share: float, g:
 
 def diffusion_loss(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tensor], g: torch.Generator,
                    min_snr_gamma: float | None, random_background: float = 0.0,
-                   g_background: torch.Generator | None = None) -> torch.Tensor:
+                   g_background: torch.Generator | None = None, feature_weight: float = 0.0) -> torch.Tensor:
     """The denoising loss on one batch, all randomness drawn from ``g`` (backgrounds: ``g_background``).
 
     The backgrounds have a generator of their own, so the other draws of a step do not depend on them.
+    With ``feature_weight`` the batch's ``feature_region`` pixels weigh ``1 + feature_weight``.
     """
     x0 = batch["image"]
     B = x0.shape[0]
@@ -121,7 +127,12 @@ def diffusion_loss(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tens
     x_t = sched.add_noise(x0, noise, t)
     out = model(x_t, t, batch["tokens"], batch["camera"], drop)
     target = noise if model.cfg.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
-    per = F.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
+    err = F.mse_loss(out, target, reduction="none")
+    if feature_weight:
+        if "feature_region" not in batch:
+            raise ValueError("feature_weight needs batches with a feature_region (data.feature_regions)")
+        err = err * (1.0 + feature_weight * batch["feature_region"])
+    per = err.mean(dim=(1, 2, 3))
     if min_snr_gamma:
         a = sched.alphas_cumprod[t]
         snr = a / (1 - a)
@@ -191,8 +202,33 @@ def build_dataset(cfg: TrainConfig, resolution: int) -> Any:
     from lift3d.priors.toyworld.data import ToyWorldDataset
 
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lift3d", "toyworld")
-    return ToyWorldDataset(batch_size=cfg.batch_size, seed=cfg.seed, resolution=resolution,
-                           num_samples=cfg.num_samples, cache_dir=cache, shuffle=True, drop_last=True)
+    ds = ToyWorldDataset(batch_size=cfg.batch_size, seed=cfg.seed, resolution=resolution,
+                         num_samples=cfg.num_samples, cache_dir=cache, shuffle=True, drop_last=True)
+    if cfg.feature_weight:
+        attach_feature_regions(ds)
+    return ds
+
+
+def attach_feature_regions(ds: Any) -> None:
+    """Add ``feature_region`` to a finite data set's samples, rendered once and cached beside them."""
+    import numpy as np
+
+    from lift3d.priors.toyworld.data import cache_path, feature_regions
+
+    data = ds._finite_data()
+    path = None
+    if ds.cache_dir is not None:
+        base = cache_path(ds.cache_dir, ds.seed, ds.num_samples, ds.resolution, ds.supersample)
+        path = base.with_name(base.stem + "_features.npz")
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            data["feature_region"] = torch.from_numpy(z["feature_region"])
+        return
+    data["feature_region"] = feature_regions(data, ds.resolution)
+    if path is not None:
+        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, feature_region=data["feature_region"].numpy())
+        os.replace(tmp, path)
 
 
 def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
@@ -242,7 +278,7 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
             loss = diffusion_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.min_snr_gamma,
-                                  cfg.random_background, _step_generator(cfg.seed, step, 3))
+                                  cfg.random_background, _step_generator(cfg.seed, step, 3), cfg.feature_weight)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at step {step}; last checkpoint: {ckpt_path}")
             opt.zero_grad(set_to_none=True)
