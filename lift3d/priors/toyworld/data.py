@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -181,11 +181,23 @@ def load_or_generate(seed: int, count: int, cache_dir: str | os.PathLike | None 
                      supersample: int = 1, chunk: int = 256) -> dict[str, Tensor]:
     """The first ``count`` samples of the stream, read from (or written to) an .npz cache if given."""
     path = cache_path(cache_dir, seed, count, resolution, supersample) if cache_dir is not None else None
+
+    def compute() -> dict[str, Tensor]:
+        parts = [generate(seed, s, min(chunk, count - s), resolution, supersample) for s in range(0, count, chunk)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+    return cached_npz(path, compute)
+
+
+def cached_npz(path: Path | None, compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The tensors stored at ``path`` (.npz) if it exists; else ``compute()``, written there atomically.
+
+    ``path=None``: compute, cache nothing.
+    """
     if path is not None and path.is_file():
         with np.load(path) as z:
             return {k: torch.from_numpy(z[k]) for k in z.files}
-    parts = [generate(seed, s, min(chunk, count - s), resolution, supersample) for s in range(0, count, chunk)]
-    data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    data = compute()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")  # atomic against concurrent writers
@@ -311,6 +323,7 @@ __all__ = [
     "generate",
     "cache_path",
     "load_or_generate",
+    "cached_npz",
     "collate",
     "ToyWorldDataset",
 ]

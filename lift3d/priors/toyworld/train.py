@@ -211,24 +211,15 @@ def build_dataset(cfg: TrainConfig, resolution: int) -> Any:
 
 def attach_feature_regions(ds: Any) -> None:
     """Add ``feature_region`` to a finite data set's samples, rendered once and cached beside them."""
-    import numpy as np
-
-    from lift3d.priors.toyworld.data import cache_path, feature_regions
+    from lift3d.priors.toyworld.data import cache_path, cached_npz, feature_regions
 
     data = ds._finite_data()
     path = None
     if ds.cache_dir is not None:
         base = cache_path(ds.cache_dir, ds.seed, ds.num_samples, ds.resolution, ds.supersample)
         path = base.with_name(base.stem + "_features.npz")
-    if path is not None and path.is_file():
-        with np.load(path) as z:
-            data["feature_region"] = torch.from_numpy(z["feature_region"])
-        return
-    data["feature_region"] = feature_regions(data, ds.resolution)
-    if path is not None:
-        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, feature_region=data["feature_region"].numpy())
-        os.replace(tmp, path)
+    regions = cached_npz(path, lambda: {"feature_region": feature_regions(data, ds.resolution)})
+    data["feature_region"] = regions["feature_region"]
 
 
 def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
