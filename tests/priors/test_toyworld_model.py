@@ -281,3 +281,110 @@ def test_azimuth_use_is_zero_for_a_camera_blind_model():
         model.camera_mlp[2].weight.zero_()
         model.camera_mlp[2].bias.zero_()
     assert azimuth_use(model, "a snowman", n=4, seed=1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_corner_regions_mark_where_a_cube_and_its_45_degree_turn_differ():
+    from lift3d.priors.toyworld.data import corner_regions
+    from lift3d.priors.toyworld.render import render
+    from lift3d.priors.toyworld.shapes import CATALOGUE, list_prompts
+    from lift3d.utils.cameras import make_cameras
+
+    P = list_prompts()
+    names = ["a red cube", "a red cube", "a blue cube", "a snowman", "a green sphere"]
+    n = len(names)
+    params = {"prompt_index": torch.tensor([P.index(p) for p in names]),
+              "elevation": torch.full((n,), 10.0), "azimuth": torch.tensor([0.0, 45.0, 90.0, 0.0, 0.0]),
+              "distance": torch.full((n,), 2.0)}
+    region = corner_regions(params, resolution=32) > 0
+    assert region[3].sum() == 0 and region[4].sum() == 0  # only the cubes have corners to place
+    # Face-on (0 degrees), corner-on (45) and face-on again (90): the same pair of silhouettes each time.
+    assert region[0].sum() > 20
+    torch.testing.assert_close(region[0], region[1])
+    torch.testing.assert_close(region[0], region[2])
+    cams = make_cameras(params["elevation"][:1], params["azimuth"][:1], params["distance"][:1],
+                        torch.full((1,), 40.0), 32, 32)
+    face_on = render(CATALOGUE["a red cube"], cams)["mask"][0, ..., 0] > 0.5
+    # Seen face-on, the region is mostly what the turned cube adds: its corners, left and right.
+    assert (region[0] & face_on).sum() < 0.25 * region[0].sum()
+    cols = region[0].nonzero(as_tuple=True)[1].float()
+    assert cols.min() < 8 and cols.max() > 23
+
+
+def test_corner_weight_adds_to_the_feature_weight():
+    from lift3d.priors.toyworld.train import diffusion_loss
+
+    model = ToyWorldPrior(TINY)
+    sched = make_scheduler(model.cfg)
+    x, _, tokens, cam = _inputs()
+    zeros = torch.zeros(4, 1, 16, 16)
+    batch = {"image": x.clamp(-1, 1), "tokens": tokens, "camera": cam, "feature_region": zeros,
+             "corner_region": torch.ones(4, 1, 16, 16)}
+    loss = lambda b, fw, cw: diffusion_loss(model, sched, b, torch.Generator().manual_seed(0), 5.0,  # noqa: E731
+                                            feature_weight=fw, corner_weight=cw)
+    plain = loss(batch, 0.0, 0.0)
+    torch.testing.assert_close(loss(batch, 10.0, 0.0), plain)
+    torch.testing.assert_close(loss(batch, 10.0, 3.0), 4.0 * plain)
+    both = {**batch, "feature_region": torch.ones(4, 1, 16, 16)}
+    torch.testing.assert_close(loss(both, 10.0, 3.0), 14.0 * plain)
+    with pytest.raises(ValueError, match="corner_region"):
+        loss({k: v for k, v in batch.items() if k != "corner_region"}, 0.0, 3.0)
+
+
+def test_region_weights_decay_linearly_to_their_final_share(tmp_path):
+    from lift3d.priors.toyworld.train import TrainConfig, build_dataset, region_scale
+
+    cfg = TrainConfig(steps=101, region_weight_final=0.25)
+    assert region_scale(cfg, 0) == 1.0
+    assert region_scale(cfg, 50) == pytest.approx(0.625)
+    assert region_scale(cfg, 100) == pytest.approx(0.25)
+    assert region_scale(TrainConfig(steps=101), 100) == 1.0  # the default keeps the weights constant
+    data = TrainConfig(corner_weight=3.0, num_samples=64, batch_size=64, cache_dir=str(tmp_path))
+    batch = build_dataset(data, 16).batch(0)
+    assert "feature_region" not in batch and batch["corner_region"].shape == (64, 1, 16, 16)
+    from lift3d.priors.toyworld.shapes import list_prompts
+
+    is_cube = torch.tensor(["cube" in list_prompts()[int(k)] for k in batch["prompt_index"]])
+    has = batch["corner_region"].flatten(1).amax(1) > 0
+    assert is_cube.any() and torch.equal(has, is_cube)
+    assert len(list(tmp_path.glob("*_corners.npz"))) == 1
+
+
+def test_camera_harmonics_give_the_mlp_the_cube_symmetry(tmp_path):
+    m1 = ToyWorldPrior(TINY)
+    cam = torch.tensor([[0.2, 0.0, 1.0, 0.0], [0.2, 1.0, 0.0, 0.0]])  # azimuth 0 and 90
+    assert torch.equal(m1.camera_features(cam), cam)  # version 2's model: the vector as it is
+    m4 = ToyWorldPrior({**TINY, "camera_harmonics": 4})
+    f = m4.camera_features(cam)
+    assert f.shape == (2, 10)
+    # sin 2a, sin 3a, sin 4a, cos 2a, cos 3a, cos 4a at 0 and 90 degrees
+    torch.testing.assert_close(f[:, 4:], torch.tensor([[0.0, 0, 0, 1, 1, 1], [0, -1, 0, -1, 0, 1]]),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(f[0, [6, 9]], f[1, [6, 9]], atol=1e-6, rtol=0)  # sin 4a and cos 4a
+    assert not torch.allclose(f[0, 4:], f[1, 4:])
+    m4.save(tmp_path / "h.safetensors")
+    assert ToyWorldPrior.load(tmp_path / "h.safetensors").cfg.camera_harmonics == 4
+    with pytest.raises(ValueError, match="camera_harmonics"):
+        ToyWorldPrior({**TINY, "camera_harmonics": 0})
+
+
+def test_corner_check_tells_a_cube_from_the_cube_turned_45_degrees():
+    from lift3d.priors.toyworld.evaluate import PromptScore, format_table, score_samples
+    from lift3d.priors.toyworld.render import render
+    from lift3d.priors.toyworld.shapes import CATALOGUE
+    from lift3d.utils.cameras import make_cameras
+
+    def at(az):
+        cams = make_cameras(torch.full((2,), 15.0), torch.tensor([az, az + 30.0]), torch.full((2,), 2.0),
+                            torch.full((2,), 40.0), 32, 32)
+        return render(CATALOGUE["a red cube"], cams, None)
+
+    gt, twin = at(0.0), at(45.0)
+    right = score_samples(gt["rgb"], gt, twin, region="silhouette")
+    wrong = score_samples(twin["rgb"], gt, twin, region="silhouette")
+    assert right["front_counted"].all() and right["front_correct"].all()
+    assert wrong["front_counted"].all() and not wrong["front_correct"].any()
+    with pytest.raises(ValueError, match="silhouette"):
+        score_samples(gt["rgb"], gt, twin, region="edges")
+    table = format_table([PromptScore("a snowman", 0.8, 0.1, 3, 4, 0.1, "front"),
+                          PromptScore("a red cube", 0.9, 0.1, 1, 4, 0.0, "corner")])
+    assert "front check 3/4 = 75%" in table and "corner check (cubes) 1/4 = 25%" in table

@@ -163,6 +163,33 @@ def feature_regions(params: dict[str, Tensor], resolution: int = RESOLUTION, chu
     return out
 
 
+#: Shapes whose silhouette repeats under a turn about z, and the turn that maps them to their most
+#: different view: a cube looks the same every 90 degrees and most different at 45.
+CORNER_TURNS = {"cube": 45.0}
+
+
+def corner_regions(params: dict[str, Tensor], resolution: int = RESOLUTION, chunk: int = 256) -> Tensor:
+    """uint8 [N, H, W]: 255 where the silhouette of a cube at the sample's camera differs from that of
+    the cube turned 45 degrees about z (:data:`CORNER_TURNS`); 0 everywhere for the other objects.
+
+    These pixels are all that tells a cube's corners from its faces: the cube's counterpart of
+    :func:`feature_regions`, and the region the evaluation's corner check scores.
+    """
+    n = params["prompt_index"].shape[0]
+    out = torch.zeros(n, resolution, resolution, dtype=torch.uint8)
+    turns = torch.tensor([CORNER_TURNS.get(_OBJECTS[int(k)].shape, 0.0) for k in params["prompt_index"]])
+    idx = torch.nonzero(turns > 0).flatten()
+    for part in idx.split(chunk):
+        objs = [_OBJECTS[int(k)] for k in params["prompt_index"][part]]
+        masks = []
+        for turn in (torch.zeros(len(part)), turns[part]):
+            cams = make_cameras(params["elevation"][part], params["azimuth"][part] + turn, params["distance"][part],
+                                torch.full((len(part),), FOVY), resolution, resolution)
+            masks.append(render(objs, cams, None)["mask"][..., 0] > 0.5)
+        out[part] = (masks[0] ^ masks[1]).to(torch.uint8) * 255
+    return out
+
+
 def generate(seed: int, start: int, count: int, resolution: int = RESOLUTION,
              supersample: int = 1) -> dict[str, Tensor]:
     """Stream samples ``start .. start + count - 1``: params plus uint8 image and mask."""
@@ -213,8 +240,8 @@ def collate(samples: dict[str, Tensor], image_range: str = "minus_one_one") -> d
     diffusion convention, or [0, 1] for ``"zero_one"``), mask [B, 1, H, W] float in {0, 1},
     tokens [B, MAX_TOKENS] long (0 = padding), camera [B, 4] (see :func:`camera_vector`),
     prompt_index [B] long (into ``list_prompts()``), elevation, azimuth, distance [B] (degrees),
-    light_dirs [B, 3]; and feature_region [B, 1, H, W] in {0, 1} when the samples carry one
-    (:func:`feature_regions`).
+    light_dirs [B, 3]; and feature_region / corner_region [B, 1, H, W] in {0, 1} when the samples
+    carry them (:func:`feature_regions`, :func:`corner_regions`).
     """
     img = samples["image"].permute(0, 3, 1, 2).float() / 255.0
     if image_range == "minus_one_one":
@@ -231,8 +258,8 @@ def collate(samples: dict[str, Tensor], image_range: str = "minus_one_one") -> d
         "azimuth": samples["azimuth"],
         "distance": samples["distance"],
         "light_dirs": samples["light_dirs"],
-        **({"feature_region": (samples["feature_region"].float() / 255.0)[:, None]}
-           if "feature_region" in samples else {}),
+        **{key: (samples[key].float() / 255.0)[:, None]
+           for key in ("feature_region", "corner_region") if key in samples},
     }
 
 
@@ -320,6 +347,8 @@ __all__ = [
     "sample_params",
     "render_params",
     "feature_regions",
+    "CORNER_TURNS",
+    "corner_regions",
     "generate",
     "cache_path",
     "load_or_generate",

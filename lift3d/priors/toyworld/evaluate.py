@@ -12,14 +12,18 @@ render of the object at the same camera:
   rendered at the same camera; over the pixels where either render shows the front feature (nose,
   chair back, handle), the sample must be closer to the true render than to the twin. Views where
   the two renders agree there (the feature hidden both ways) are not counted.
-* **azimuth use** (same three objects): how much worse the model denoises ground-truth renders at a
-  high noise level when it is told the camera turned 180 degrees (:func:`azimuth_use`). 0 means the
-  network ignores the azimuth, the cause of a front check at chance; it is deterministic and needs
-  no sampling, so it moves before the front check's counts do.
+* **corner check** (the six cubes): the same test with the cube turned 45 degrees (its most
+  different view) as the twin, over the pixels where the two silhouettes differ: does the sample put
+  the cube's corners where the camera says? A rounded box matches neither and scores at chance.
+* **azimuth use** (the same objects): how much worse the model denoises ground-truth renders at a
+  high noise level when it is told the camera turned 180 degrees (45 for a cube) (:func:`azimuth_use`).
+  0 means the network ignores the azimuth, the cause of a check at chance; it is deterministic and
+  needs no sampling, so it moves before the checks' counts do.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +40,8 @@ class PromptScore:
     front_correct: int
     front_counted: int
     azimuth_use: float | None = None
+    check: str | None = None
+    """"front" (snowman, chair, mug), "corner" (cubes) or None: what front_correct / front_counted count."""
 
 
 def foreground(img: Tensor) -> Tensor:
@@ -48,8 +54,12 @@ def _normalised(c: Tensor) -> Tensor:
 
 
 def score_samples(samples: Tensor, gt: dict[str, Tensor], twin: dict[str, Tensor] | None = None,
-                  min_feature_pixels: int = 3) -> dict[str, Tensor]:
-    """Per-sample scores. samples [B, H, W, 3]; gt/twin: outputs of ``render.render``."""
+                  min_feature_pixels: int = 3, region: str = "feature") -> dict[str, Tensor]:
+    """Per-sample scores. samples [B, H, W, 3]; gt/twin: outputs of ``render.render``.
+
+    The view check compares the sample with ``gt`` and ``twin`` over the pixels where either shows
+    the front feature (``region="feature"``) or where their silhouettes differ (``"silhouette"``).
+    """
     fg = foreground(samples)
     gmask = gt["mask"][..., 0] > 0.5
     inter = (fg & gmask).flatten(1).sum(1).float()
@@ -60,7 +70,13 @@ def score_samples(samples: Tensor, gt: dict[str, Tensor], twin: dict[str, Tensor
     colour = (diff * both).flatten(1).sum(1) / both.flatten(1).sum(1).clamp_min(1)
     out = {"iou": iou, "colour_error": colour}
     if twin is not None:
-        region = ((gt["feature_mask"] > 0.5) | (twin["feature_mask"] > 0.5)).expand_as(samples).float()
+        if region == "feature":
+            where = (gt["feature_mask"] > 0.5) | (twin["feature_mask"] > 0.5)
+        elif region == "silhouette":
+            where = (gt["mask"] > 0.5) ^ (twin["mask"] > 0.5)
+        else:
+            raise ValueError(f"region must be 'feature' or 'silhouette', got {region!r}")
+        region = where.expand_as(samples).float()
         d_true = ((samples - gt["rgb"]).abs() * region).flatten(1).sum(1)
         d_twin = ((samples - twin["rgb"]).abs() * region).flatten(1).sum(1)
         gap = ((gt["rgb"] - twin["rgb"]).abs() * region).flatten(1).sum(1)
@@ -107,7 +123,14 @@ def azimuth_use(model, prompt: str, n: int = 48, t: int = 850, turn_deg: float =
 def evaluate(model, prompts: list[str] | None = None, n_per_prompt: int = 8, steps: int = 50,
              guidance_scale: float = 3.0, seed: int = 0, grid_path: str | None = None) -> list[PromptScore]:
     """Sample, render ground truth, score; optionally write a grid (sample next to ground truth)."""
-    from lift3d.priors.toyworld.data import FOVY, RESOLUTION, camera_vector, light_in_upper_hemisphere, sample_cameras
+    from lift3d.priors.toyworld.data import (
+        CORNER_TURNS,
+        FOVY,
+        RESOLUTION,
+        camera_vector,
+        light_in_upper_hemisphere,
+        sample_cameras,
+    )
     from lift3d.priors.toyworld.model import sample
     from lift3d.priors.toyworld.render import render
     from lift3d.priors.toyworld.shapes import get_object, list_prompts
@@ -124,22 +147,26 @@ def evaluate(model, prompts: list[str] | None = None, n_per_prompt: int = 8, ste
         cams = make_cameras(elev, azim, dist, fovy, RESOLUTION, RESOLUTION)
         light = light_in_upper_hemisphere(cams, g)
         gt = render(obj, cams, light)
-        twin = None
-        if obj.has_feature:
-            # The object turned 180 degrees about z, seen from this camera = the object seen from the
-            # camera (and light) turned by 180 degrees.
-            cams_t = make_cameras(elev, azim + 180.0, dist, fovy, RESOLUTION, RESOLUTION)
-            light_t = light * torch.tensor([-1.0, -1.0, 1.0])
-            twin = render(obj, cams_t, light_t)
+        twin, check = None, None
+        turn = 180.0 if obj.has_feature else CORNER_TURNS.get(obj.shape)
+        if turn is not None:
+            # The object turned about z, seen from this camera = the object seen from the camera (and
+            # the light) turned the other way; a cube turned by -45 and +45 degrees looks the same.
+            check = "front" if obj.has_feature else "corner"
+            cams_t = make_cameras(elev, azim + turn, dist, fovy, RESOLUTION, RESOLUTION)
+            c, s_ = math.cos(math.radians(turn)), math.sin(math.radians(turn))
+            rot = torch.tensor([[c, -s_, 0.0], [s_, c, 0.0], [0.0, 0.0, 1.0]])
+            twin = render(obj, cams_t, light @ rot.T)
         tokens = pad_tokens([tokenize(prompt)] * n_per_prompt)
         imgs = sample(model, tokens, camera_vector(elev, azim, dist), steps=steps, guidance_scale=guidance_scale,
                       generator=g).permute(0, 2, 3, 1).cpu()
-        s = score_samples(imgs, gt, twin)
+        s = score_samples(imgs, gt, twin, region="feature" if check == "front" else "silhouette")
         scores.append(PromptScore(
             prompt, float(s["iou"].mean()), float(s["colour_error"].mean()),
             int(s["front_correct"].sum()) if twin is not None else 0,
             int(s["front_counted"].sum()) if twin is not None else 0,
-            azimuth_use(model, prompt, seed=seed) if twin is not None else None,
+            azimuth_use(model, prompt, seed=seed, turn_deg=turn) if twin is not None else None,
+            check,
         ))
         rows.append([x for i in range(n_per_prompt) for x in (imgs[i].numpy(), gt["rgb"][i].numpy())])
     if grid_path:
@@ -150,14 +177,20 @@ def evaluate(model, prompts: list[str] | None = None, n_per_prompt: int = 8, ste
 
 
 def format_table(scores: list[PromptScore]) -> str:
-    lines = [f"{'prompt':<20} {'mask IoU':>8} {'colour err':>10} {'front ok':>9} {'az use':>7}"]
+    """One row per prompt, a mean row (its view column: the front check) and the corner check's total."""
+    lines = [f"{'prompt':<20} {'mask IoU':>8} {'colour err':>10} {'view ok':>9} {'az use':>7}"]
     for s in scores:
         front = f"{s.front_correct}/{s.front_counted}" if s.front_counted else "-"
         use = f"{100 * s.azimuth_use:+6.1f}%" if s.azimuth_use is not None else "-"
         lines.append(f"{s.prompt:<20} {s.iou:8.3f} {s.colour_error:10.3f} {front:>9} {use:>7}")
     n = max(len(scores), 1)
-    fc = sum(s.front_correct for s in scores)
-    ft = sum(s.front_counted for s in scores)
+    front = [s for s in scores if s.check != "corner"]
+    fc, ft = sum(s.front_correct for s in front), sum(s.front_counted for s in front)
     lines.append(f"{'mean':<20} {sum(s.iou for s in scores) / n:8.3f} "
                  f"{sum(s.colour_error for s in scores) / n:10.3f} {(f'{fc}/{ft}' if ft else '-'):>9}")
+    cubes = [s for s in scores if s.check == "corner"]
+    cc, ct = sum(s.front_correct for s in cubes), sum(s.front_counted for s in cubes)
+    if ct:
+        lines.append(f"view ok: front check {fc}/{ft}" + (f" = {100 * fc / ft:.0f}%" if ft else "")
+                     + f"; corner check (cubes) {cc}/{ct} = {100 * cc / ct:.0f}%")
     return "\n".join(lines)

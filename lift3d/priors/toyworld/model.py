@@ -58,6 +58,10 @@ class ToyPriorConfig:
     """GroupNorm groups."""
     camera_dim: int = 4
     """Size of the camera vector."""
+    camera_harmonics: int = 1
+    """Azimuth harmonics the camera MLP sees: sin and cos of k * azimuth for k = 1 .. this. A cube
+    looks the same every 90 degrees, so its corners follow sin/cos(4 az); with 1 (version 2's
+    model) the MLP would have to build that frequency itself."""
     ray_conditioning: bool = False
     """Also give the UNet each pixel's camera ray (Pluecker coordinates, 6 channels, computed from the
     camera vector) as input channels: the view enters where the image is, not only as a global bias."""
@@ -107,7 +111,19 @@ class ToyWorldPrior(nn.Module):
         self.token_embedding = nn.Embedding(c.vocab_size, emb_dim, padding_idx=0)
         self.null_text = nn.Parameter(torch.zeros(emb_dim))
         self.text_proj = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.camera_mlp = nn.Sequential(nn.Linear(c.camera_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.camera_harmonics < 1:
+            raise ValueError(f"toyworld.model.camera_harmonics must be >= 1, got {c.camera_harmonics}")
+        cam_in = c.camera_dim + 2 * (c.camera_harmonics - 1)
+        self.camera_mlp = nn.Sequential(nn.Linear(cam_in, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+    def camera_features(self, camera: Tensor) -> Tensor:
+        """[B, 4] camera vector -> the MLP's input: the vector, then sin/cos(k az) for k = 2 .. harmonics."""
+        K = self.cfg.camera_harmonics
+        if K == 1:
+            return camera
+        az = torch.atan2(camera[:, 1], camera[:, 2])
+        k = torch.arange(2, K + 1, device=camera.device, dtype=camera.dtype)
+        return torch.cat([camera, torch.sin(az[:, None] * k), torch.cos(az[:, None] * k)], dim=-1)
 
     def text_embedding(self, tokens: Tensor, drop_text: Tensor | None = None) -> Tensor:
         """[B, L] token ids (0 = pad) -> [B, D]; rows with ``drop_text`` get the null embedding."""
@@ -120,7 +136,7 @@ class ToyWorldPrior(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor, camera: Tensor, drop_text: Tensor | None = None) -> Tensor:
         s = self.cfg.space_to_depth
-        cond = self.text_embedding(tokens, drop_text) + self.camera_mlp(camera.to(x.dtype))
+        cond = self.text_embedding(tokens, drop_text) + self.camera_mlp(self.camera_features(camera.to(x.dtype)))
         if self.cfg.ray_conditioning:
             from lift3d.priors.toyworld.data import ray_map
 

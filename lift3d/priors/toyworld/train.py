@@ -79,6 +79,14 @@ class TrainConfig:
     (``data.feature_regions``): 10 makes a snowman's nose count eleven times. The nose, chair back
     and handle cover about 1% of an image, too little of the plain loss for the network to learn
     which azimuth puts them where; 0 leaves the loss as it was."""
+    corner_weight: float = 0.0
+    """Extra loss weight on the pixels where a cube's silhouette differs from the cube turned 45
+    degrees (``data.corner_regions``): what places its corners. Version 2 ignored the cube's azimuth
+    entirely; 0 leaves the loss as it was."""
+    region_weight_final: float = 1.0
+    """Multiplier of feature_weight and corner_weight at the last step, reached linearly from 1 at
+    step 0: strong early, while the network learns to read the azimuth; weaker late, so that a
+    weighted loss does not end up drawing the features too large."""
     init_from: Optional[str] = None
     """Start from the weights of this safetensors file (fine-tuning; "shipped": the packaged weights).
     Input channels the new model has and the file lacks (``model.ray_conditioning``) start at zero,
@@ -111,11 +119,13 @@ def random_backgrounds(image: torch.Tensor, mask: torch.Tensor, share: float, g:
 
 def diffusion_loss(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tensor], g: torch.Generator,
                    min_snr_gamma: float | None, random_background: float = 0.0,
-                   g_background: torch.Generator | None = None, feature_weight: float = 0.0) -> torch.Tensor:
+                   g_background: torch.Generator | None = None, feature_weight: float = 0.0,
+                   corner_weight: float = 0.0) -> torch.Tensor:
     """The denoising loss on one batch, all randomness drawn from ``g`` (backgrounds: ``g_background``).
 
     The backgrounds have a generator of their own, so the other draws of a step do not depend on them.
-    With ``feature_weight`` the batch's ``feature_region`` pixels weigh ``1 + feature_weight``.
+    With ``feature_weight`` the batch's ``feature_region`` pixels weigh ``1 + feature_weight``; with
+    ``corner_weight`` its ``corner_region`` pixels weigh ``1 + corner_weight`` (the two are disjoint).
     """
     x0 = batch["image"]
     B = x0.shape[0]
@@ -128,10 +138,14 @@ def diffusion_loss(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tens
     out = model(x_t, t, batch["tokens"], batch["camera"], drop)
     target = noise if model.cfg.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
     err = F.mse_loss(out, target, reduction="none")
-    if feature_weight:
-        if "feature_region" not in batch:
-            raise ValueError("feature_weight needs batches with a feature_region (data.feature_regions)")
-        err = err * (1.0 + feature_weight * batch["feature_region"])
+    weight = 1.0
+    for w, key, source in ((feature_weight, "feature_region", "feature_regions"),
+                           (corner_weight, "corner_region", "corner_regions")):
+        if w:
+            if key not in batch:
+                raise ValueError(f"a {key.split('_')[0]}_weight needs batches with a {key} (data.{source})")
+            weight = weight + w * batch[key]
+    err = err * weight
     per = err.mean(dim=(1, 2, 3))
     if min_snr_gamma:
         a = sched.alphas_cumprod[t]
@@ -205,21 +219,31 @@ def build_dataset(cfg: TrainConfig, resolution: int) -> Any:
     ds = ToyWorldDataset(batch_size=cfg.batch_size, seed=cfg.seed, resolution=resolution,
                          num_samples=cfg.num_samples, cache_dir=cache, shuffle=True, drop_last=True)
     if cfg.feature_weight:
-        attach_feature_regions(ds)
+        attach_regions(ds, "feature")
+    if cfg.corner_weight:
+        attach_regions(ds, "corner")
     return ds
 
 
-def attach_feature_regions(ds: Any) -> None:
-    """Add ``feature_region`` to a finite data set's samples, rendered once and cached beside them."""
-    from lift3d.priors.toyworld.data import cache_path, cached_npz, feature_regions
+def attach_regions(ds: Any, kind: str = "feature") -> None:
+    """Add ``{kind}_region`` ("feature" or "corner") to a finite data set's samples, rendered once and
+    cached beside them (``data.feature_regions`` / ``data.corner_regions``)."""
+    from lift3d.priors.toyworld import data as tw_data
 
+    make = {"feature": tw_data.feature_regions, "corner": tw_data.corner_regions}[kind]
     data = ds._finite_data()
     path = None
     if ds.cache_dir is not None:
-        base = cache_path(ds.cache_dir, ds.seed, ds.num_samples, ds.resolution, ds.supersample)
-        path = base.with_name(base.stem + "_features.npz")
-    regions = cached_npz(path, lambda: {"feature_region": feature_regions(data, ds.resolution)})
-    data["feature_region"] = regions["feature_region"]
+        base = tw_data.cache_path(ds.cache_dir, ds.seed, ds.num_samples, ds.resolution, ds.supersample)
+        path = base.with_name(base.stem + ("_features.npz" if kind == "feature" else "_corners.npz"))
+    key = f"{kind}_region"
+    data[key] = tw_data.cached_npz(path, lambda: {key: make(data, ds.resolution)})[key]
+
+
+def region_scale(cfg: TrainConfig, step: int) -> float:
+    """The factor on feature_weight and corner_weight at ``step``: 1 at step 0, region_weight_final at the end."""
+    p = min(1.0, step / max(1, cfg.steps - 1))
+    return 1.0 + (cfg.region_weight_final - 1.0) * p
 
 
 def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
@@ -268,8 +292,10 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
                 batch = with_focus(batch, ds, pool, cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
+            scale = region_scale(cfg, step)
             loss = diffusion_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.min_snr_gamma,
-                                  cfg.random_background, _step_generator(cfg.seed, step, 3), cfg.feature_weight)
+                                  cfg.random_background, _step_generator(cfg.seed, step, 3),
+                                  cfg.feature_weight * scale, cfg.corner_weight * scale)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at step {step}; last checkpoint: {ckpt_path}")
             opt.zero_grad(set_to_none=True)
