@@ -147,19 +147,26 @@ def feature_regions(params: dict[str, Tensor], resolution: int = RESOLUTION, chu
     This is the region that decides front from back in an image (the prior evaluation's front check
     scores the same region), and the place a loss has to look to teach the camera's azimuth.
     """
+    turns = [180.0 if _OBJECTS[int(k)].has_feature else 0.0 for k in params["prompt_index"]]
+    return _turned_pairs(params, turns, "feature_mask", torch.logical_or, resolution, chunk)
+
+
+def _turned_pairs(params: dict[str, Tensor], turns: list[float], key: str, combine: Callable[[Tensor, Tensor], Tensor],
+                  resolution: int, chunk: int) -> Tensor:
+    """uint8 [N, H, W]: ``combine`` of render ``key`` at each sample's camera and at its camera turned by
+    ``turns[i]`` degrees about z (the object turned the other way); 0 where the turn is 0."""
     n = params["prompt_index"].shape[0]
     out = torch.zeros(n, resolution, resolution, dtype=torch.uint8)
-    has = torch.tensor([_OBJECTS[int(k)].has_feature for k in params["prompt_index"]], dtype=torch.bool)
-    idx = torch.nonzero(has).flatten()
-    for part in idx.split(chunk):
+    turns = torch.tensor(turns, dtype=torch.float32)
+    for part in torch.nonzero(turns != 0).flatten().split(chunk):
         objs = [_OBJECTS[int(k)] for k in params["prompt_index"][part]]
-        region = torch.zeros(len(part), resolution, resolution, dtype=torch.bool)
-        for turn in (0.0, 180.0):
+        views = []
+        for turn in (torch.zeros(len(part)), turns[part]):
             cams = make_cameras(params["elevation"][part], params["azimuth"][part] + turn, params["distance"][part],
                                 torch.full((len(part),), FOVY), resolution, resolution)
             # A mask needs no light: a headlight keeps the call cheap and independent of the sample's.
-            region |= render(objs, cams, None)["feature_mask"][..., 0] > 0.5
-        out[part] = region.to(torch.uint8) * 255
+            views.append(render(objs, cams, None)[key][..., 0] > 0.5)
+        out[part] = combine(*views).to(torch.uint8) * 255
     return out
 
 
@@ -175,19 +182,8 @@ def corner_regions(params: dict[str, Tensor], resolution: int = RESOLUTION, chun
     These pixels are all that tells a cube's corners from its faces: the cube's counterpart of
     :func:`feature_regions`, and the region the evaluation's corner check scores.
     """
-    n = params["prompt_index"].shape[0]
-    out = torch.zeros(n, resolution, resolution, dtype=torch.uint8)
-    turns = torch.tensor([CORNER_TURNS.get(_OBJECTS[int(k)].shape, 0.0) for k in params["prompt_index"]])
-    idx = torch.nonzero(turns > 0).flatten()
-    for part in idx.split(chunk):
-        objs = [_OBJECTS[int(k)] for k in params["prompt_index"][part]]
-        masks = []
-        for turn in (torch.zeros(len(part)), turns[part]):
-            cams = make_cameras(params["elevation"][part], params["azimuth"][part] + turn, params["distance"][part],
-                                torch.full((len(part),), FOVY), resolution, resolution)
-            masks.append(render(objs, cams, None)["mask"][..., 0] > 0.5)
-        out[part] = (masks[0] ^ masks[1]).to(torch.uint8) * 255
-    return out
+    turns = [CORNER_TURNS.get(_OBJECTS[int(k)].shape, 0.0) for k in params["prompt_index"]]
+    return _turned_pairs(params, turns, "mask", torch.logical_xor, resolution, chunk)
 
 
 def generate(seed: int, start: int, count: int, resolution: int = RESOLUTION,

@@ -184,8 +184,8 @@ def format_table(scores: list[PromptScore]) -> str:
         use = f"{100 * s.azimuth_use:+6.1f}%" if s.azimuth_use is not None else "-"
         lines.append(f"{s.prompt:<20} {s.iou:8.3f} {s.colour_error:10.3f} {front:>9} {use:>7}")
     n = max(len(scores), 1)
-    front = [s for s in scores if s.check != "corner"]
-    fc, ft = sum(s.front_correct for s in front), sum(s.front_counted for s in front)
+    fronts = [s for s in scores if s.check != "corner"]
+    fc, ft = sum(s.front_correct for s in fronts), sum(s.front_counted for s in fronts)
     lines.append(f"{'mean':<20} {sum(s.iou for s in scores) / n:8.3f} "
                  f"{sum(s.colour_error for s in scores) / n:10.3f} {(f'{fc}/{ft}' if ft else '-'):>9}")
     cubes = [s for s in scores if s.check == "corner"]

@@ -139,12 +139,11 @@ def diffusion_loss(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tens
     target = noise if model.cfg.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
     err = F.mse_loss(out, target, reduction="none")
     weight = 1.0
-    for w, key, source in ((feature_weight, "feature_region", "feature_regions"),
-                           (corner_weight, "corner_region", "corner_regions")):
+    for w, kind in ((feature_weight, "feature"), (corner_weight, "corner")):
         if w:
-            if key not in batch:
-                raise ValueError(f"a {key.split('_')[0]}_weight needs batches with a {key} (data.{source})")
-            weight = weight + w * batch[key]
+            if f"{kind}_region" not in batch:
+                raise ValueError(f"{kind}_weight needs batches with a {kind}_region (data.{kind}_regions)")
+            weight = weight + w * batch[f"{kind}_region"]
     err = err * weight
     per = err.mean(dim=(1, 2, 3))
     if min_snr_gamma:
