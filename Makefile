@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/render_neus.py
 	$(BIN)/python bench/render_raster.py
 	$(BIN)/python bench/render_splat.py
+	$(BIN)/python bench/prior_speed.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

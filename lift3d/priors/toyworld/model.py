@@ -107,6 +107,12 @@ class ToyWorldPrior(nn.Module):
             norm_num_groups=c.norm_num_groups,
             attention_head_dim=32,
         )
+        # NHWC weights make oneDNN run the convolutions in its native layout: on this project's CPU a
+        # training step is 1.2x (two threads) to 1.35x (one) faster; the guidance's small-batch
+        # forward pass gains at most 5% (bench/prior_speed.py).
+        # Only the layout changes: load_state_dict copies into these tensors and keeps it, and
+        # save() writes contiguous copies, so files are the same either way.
+        self.unet.to(memory_format=torch.channels_last)
         emb_dim = c.block_out_channels[0] * 4  # UNet2DModel's timestep embedding width
         self.token_embedding = nn.Embedding(c.vocab_size, emb_dim, padding_idx=0)
         self.null_text = nn.Parameter(torch.zeros(emb_dim))
