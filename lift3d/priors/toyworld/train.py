@@ -229,12 +229,13 @@ def attach_regions(ds: Any, kind: str = "feature") -> None:
     cached beside them (``data.feature_regions`` / ``data.corner_regions``)."""
     from lift3d.priors.toyworld import data as tw_data
 
-    make = {"feature": tw_data.feature_regions, "corner": tw_data.corner_regions}[kind]
+    make, suffix = {"feature": (tw_data.feature_regions, "_features.npz"),
+                    "corner": (tw_data.corner_regions, "_corners.npz")}[kind]
     data = ds._finite_data()
     path = None
     if ds.cache_dir is not None:
         base = tw_data.cache_path(ds.cache_dir, ds.seed, ds.num_samples, ds.resolution, ds.supersample)
-        path = base.with_name(base.stem + ("_features.npz" if kind == "feature" else "_corners.npz"))
+        path = base.with_name(base.stem + suffix)
     key = f"{kind}_region"
     data[key] = tw_data.cached_npz(path, lambda: {key: make(data, ds.resolution)})[key]
 
