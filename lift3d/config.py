@@ -169,16 +169,20 @@ class Provenance:
     def __init__(self) -> None:
         self._src: dict[str, str] = {}
 
-    def record(self, node: Any, source: str, prefix: str = "") -> None:
-        if prefix:
+    def record(self, node: Any, source: str, prefix: str = "", leaves_only: bool = False) -> None:
+        """Note ``source`` for every key path in ``node``; with ``leaves_only`` (command-line
+        overrides) the dicts on the way keep the file that made them."""
+        is_dict = isinstance(node, (dict, DictConfig))
+        if prefix and not (leaves_only and is_dict):
             self._src[prefix] = source
-        if isinstance(node, (dict, DictConfig)):
+        if is_dict:
             for k, v in node.items():
-                self.record(v, source, f"{prefix}.{k}" if prefix else str(k))
+                self.record(v, source, f"{prefix}.{k}" if prefix else str(k), leaves_only)
 
     def source(self, key_path: str) -> str | None:
-        # List items (stages[1]) are recorded at the list's key.
-        parts = re.sub(r"\[\d+\]", "", key_path).split(".")
+        # File-set list items (stages[1]) are recorded at the list's key, command-line ones at
+        # their index (stages.1), which the longest-prefix walk reaches either way.
+        parts = re.sub(r"\[(\d+)\]", r".\1", key_path).split(".")
         for n in range(len(parts), 0, -1):
             src = self._src.get(".".join(parts[:n]))
             if src is not None:
@@ -237,9 +241,30 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[D
     cfg = _load_file(Path(path), prov, ())
     if overrides:
         cli = parse_overrides(overrides)
-        prov.record(OmegaConf.to_container(cli, resolve=False), CLI_SOURCE)
-        cfg = OmegaConf.merge(cfg, cli)  # type: ignore[assignment]
+        for item in overrides:
+            key = item.split("=", 1)[0]
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={item.split('=', 1)[1]}"]), resolve=False)["v"]
+            _apply_override(cfg, key, value)
+        prov.record(OmegaConf.to_container(cli, resolve=False), CLI_SOURCE, leaves_only=True)
     return cfg, prov  # type: ignore[return-value]
+
+
+def _apply_override(cfg: DictConfig, key: str, value: Any) -> None:
+    """Set ``key`` to ``value``, merging dicts into dicts. A part of ``key`` that meets a list is its
+    index (``system.stages.1.steps=300``); an index past the end is an error naming the list."""
+    parts = key.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        if isinstance(node, ListConfig):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"command-line override {key!r}: {'.'.join(parts[:i])} is a list of {len(node)} "
+                                  f"items, so the part after it must be an index 0..{len(node) - 1}, not {part!r}")
+            node = node._get_node(int(part))
+        elif isinstance(node, DictConfig) and part in node:
+            node = node._get_node(part)
+        else:
+            break
+    OmegaConf.update(cfg, key, value, merge=True)
 
 
 def resolve(cfg: DictConfig, prov: Provenance | None = None) -> dict:

@@ -122,6 +122,19 @@ def test_unknown_override_key_is_reported_as_from_command_line(tmp_path):
         parse_structured(Outer, resolve(raw, prov), prov=prov)
 
 
+def test_override_indexes_a_list_and_names_a_bad_index(tmp_path):
+    p = _write(tmp_path, "r.yaml",
+               "stages:\n  - name: coarse\n    steps: 600\n  - name: fine\n    steps: 300\n    geo: {a: 1}\n")
+    raw, prov = load_config(p, ["stages.1.steps=50", "stages.1.geo={b: 2}", "stages.0.name=first"])
+    data = resolve(raw, prov)
+    assert data["stages"] == [{"name": "first", "steps": 600}, {"name": "fine", "steps": 50, "geo": {"a": 1, "b": 2}}]
+    assert prov.source("stages[1].steps") == CLI_SOURCE and prov.source("stages[0].steps").endswith("r.yaml")
+    with pytest.raises(ConfigError, match=r"'stages.2.steps': stages is a list of 2 items.*0..1, not '2'"):
+        load_config(p, ["stages.2.steps=5"])
+    with pytest.raises(ConfigError, match=r"stages is a list of 2 items.*not 'fine'"):
+        load_config(p, ["stages.fine.steps=5"])
+
+
 def test_schedule_forms():
     s = Schedule.parse([100, 1.0, 0.0, 200])
     assert [s(0), s(100), s(150), s(200), s(10_000)] == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])

@@ -410,3 +410,39 @@ def test_corner_check_tells_a_cube_from_the_cube_turned_45_degrees():
     table = format_table([PromptScore("a snowman", 0.8, 0.1, 3, 4, 0.1, "front"),
                           PromptScore("a red cube", 0.9, 0.1, 1, 4, 0.0, "corner")])
     assert "front check 3/4 = 75%" in table and "corner check (cubes) 1/4 = 25%" in table
+
+
+def test_pull_from_x0_is_positive_for_the_target_shape_and_negative_for_the_source():
+    from lift3d.priors.toyworld.evaluate import pull_from_x0
+    from lift3d.priors.toyworld.render import render
+    from lift3d.priors.toyworld.shapes import CATALOGUE
+    from lift3d.utils.cameras import make_cameras
+
+    cams = make_cameras(torch.full((2,), 20.0), torch.tensor([0.0, 90.0]), torch.full((2,), 2.0),
+                        torch.full((2,), 40.0), 32, 32)
+    cone, sphere = (render(CATALOGUE[p], cams, None) for p in ("a red cone", "a red sphere"))
+    masks = [r["mask"][..., 0] > 0.5 for r in (cone, sphere)]
+    gap = 1 - float(((masks[0] & masks[1]).sum((1, 2)).float() / (masks[0] | masks[1]).sum((1, 2))).mean())
+    assert gap > 0.2
+    as_x0 = [r["rgb"].permute(0, 3, 1, 2) * 2 - 1 for r in (cone, sphere)]
+    assert pull_from_x0(as_x0[0], masks[0], masks[1]) == pytest.approx(gap, abs=1e-6)
+    assert pull_from_x0(as_x0[1], masks[0], masks[1]) == pytest.approx(-gap, abs=1e-6)
+    assert pull_from_x0(-torch.ones_like(as_x0[0]), masks[0], masks[1]) == 0.0  # an empty prediction
+    from lift3d.priors.toyworld.evaluate import PromptScore, format_table
+
+    table = format_table([PromptScore("a red cone", 0.8, 0.1, 0, 0, shape_pull=-0.1),
+                          PromptScore("a red cube", 0.9, 0.1, 1, 4, 0.0, "corner", shape_pull=0.5)])
+    assert "mean +0.200, lowest -0.100" in table and "-0.10" in table.splitlines()[1]
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights not present")
+def test_shape_pull_of_shipped_weights_follows_the_image_at_low_noise_and_the_prompt_at_high():
+    from lift3d.priors.toyworld.evaluate import shape_pull
+
+    m = ToyWorldPrior.load().eval()
+    low, high = shape_pull(m, "a yellow cube", t=300, n=4), shape_pull(m, "a yellow cube", t=900, n=4)
+    assert low < -0.1  # barely noised: the denoised image is still the other shape
+    assert high > 0.1 and high > low + 0.25  # mostly noise: the prompt decides the shape
+    assert shape_pull(m, "a yellow cube", t=900, n=4) == high  # deterministic for a seed
+    with pytest.raises(ValueError, match="not a primitive"):
+        shape_pull(m, "a snowman")

@@ -19,6 +19,10 @@ render of the object at the same camera:
   high noise level when it is told the camera turned 180 degrees (45 for a cube) (:func:`azimuth_use`).
   0 means the network ignores the azimuth, the cause of a check at chance; it is deterministic and
   needs no sampling, so it moves before the checks' counts do.
+* **shape pull** (the primitives): how far the prompt moves the denoised image towards its own shape
+  at a high noise level, starting from renders of the other primitives in the same colour
+  (:func:`shape_pull`). Score distillation forms a shape from these high-noise predictions, so a
+  prompt with no pull there yields no shape, whatever its samples look like.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class PromptScore:
     azimuth_use: float | None = None
     check: str | None = None
     """"front" (snowman, chair, mug), "corner" (cubes) or None: what front_correct / front_counted count."""
+    shape_pull: float | None = None
+    """:func:`shape_pull` for a primitive, else None."""
 
 
 def foreground(img: Tensor) -> Tensor:
@@ -120,6 +126,67 @@ def azimuth_use(model, prompt: str, n: int = 48, t: int = 850, turn_deg: float =
     return errs[1] / max(errs[0], 1e-12) - 1.0
 
 
+def pull_from_x0(x0: Tensor, target_mask: Tensor, source_mask: Tensor) -> float:
+    """Mean of IoU(foreground of x0, target) - IoU(foreground of x0, source) over a batch.
+
+    x0 [B, 3, H, W] in [-1, 1]; masks [B, H, W] bool. +(1 - IoU(target, source)) when x0 is the
+    target's render, -(1 - IoU(target, source)) when it is the source's.
+    """
+    fg = foreground(((x0.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1))
+
+    def iou(a: Tensor, b: Tensor) -> Tensor:
+        return (a & b).flatten(1).sum(1).float() / (a | b).flatten(1).sum(1).float().clamp_min(1)
+
+    return float((iou(fg, target_mask) - iou(fg, source_mask)).mean())
+
+
+@torch.no_grad()
+def shape_pull(model, prompt: str, t: int = 900, guidance_scale: float = 7.5, n: int = 8, seed: int = 0) -> float:
+    """How far ``prompt`` (a primitive) pulls a denoised image towards its own shape at timestep ``t``.
+
+    Renders of each other primitive in the prompt's colour, at ``n`` cameras (elevation 20, azimuths
+    evenly spaced, distance 2), are noised to ``t`` and denoised once with classifier-free guidance
+    ``guidance_scale`` under ``prompt`` (the SDS setting); the score is :func:`pull_from_x0` of the
+    prediction, averaged over the sources. Positive: the prediction looks more like the prompt's
+    shape than like the image it came from, which is what lets SDS turn an initial blob into that
+    shape. Deterministic for a seed.
+    """
+    from lift3d.priors.toyworld.data import FOVY, camera_vector, light_in_upper_hemisphere
+    from lift3d.priors.toyworld.model import make_scheduler, predict_eps_x0
+    from lift3d.priors.toyworld.render import render
+    from lift3d.priors.toyworld.shapes import PRIMITIVES, get_object
+    from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
+    from lift3d.utils.cameras import make_cameras
+
+    obj = get_object(prompt)
+    if obj.shape not in PRIMITIVES:
+        raise ValueError(f"shape_pull: {prompt!r} is not a primitive ({', '.join(PRIMITIVES)})")
+    g = torch.Generator().manual_seed(seed)
+    res = model.cfg.resolution
+    elev, azim, dist = torch.full((n,), 20.0), torch.arange(n) * (360.0 / n), torch.full((n,), 2.0)
+    cams = make_cameras(elev, azim, dist, torch.full((n,), FOVY), res, res)
+    light = light_in_upper_hemisphere(cams, g)
+    target_mask = render(obj, cams, light)["mask"][..., 0] > 0.5
+    a = make_scheduler(model.cfg).alphas_cumprod[t]
+    dev = next(model.parameters()).device
+    tt = torch.full((n,), t, dtype=torch.long, device=dev)
+    tokens = pad_tokens([tokenize(prompt)] * n).to(dev)
+    cam = camera_vector(elev, azim, dist).to(dev)
+    pulls = []
+    for shape in PRIMITIVES:
+        if shape == obj.shape:
+            continue
+        src = render(get_object(f"a {obj.colour} {shape}"), cams, light)
+        x = src["rgb"].permute(0, 3, 1, 2) * 2 - 1
+        x_t = a.sqrt() * x + (1 - a).sqrt() * torch.randn(x.shape, generator=g)
+        both = model(torch.cat([x_t, x_t]).to(dev), torch.cat([tt, tt]), torch.cat([tokens, tokens]),
+                     torch.cat([cam, cam]), torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(dev))
+        cond, uncond = both.cpu().chunk(2)
+        x0 = predict_eps_x0(model.cfg, uncond + guidance_scale * (cond - uncond), x_t, a.expand(n))[1]
+        pulls.append(pull_from_x0(x0, target_mask, src["mask"][..., 0] > 0.5))
+    return sum(pulls) / len(pulls)
+
+
 def evaluate(model, prompts: list[str] | None = None, n_per_prompt: int = 8, steps: int = 50,
              guidance_scale: float = 3.0, seed: int = 0, grid_path: str | None = None) -> list[PromptScore]:
     """Sample, render ground truth, score; optionally write a grid (sample next to ground truth)."""
@@ -133,7 +200,7 @@ def evaluate(model, prompts: list[str] | None = None, n_per_prompt: int = 8, ste
     )
     from lift3d.priors.toyworld.model import sample
     from lift3d.priors.toyworld.render import render
-    from lift3d.priors.toyworld.shapes import get_object, list_prompts
+    from lift3d.priors.toyworld.shapes import PRIMITIVES, get_object, list_prompts
     from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
     from lift3d.utils.cameras import make_cameras
 
@@ -167,6 +234,7 @@ def evaluate(model, prompts: list[str] | None = None, n_per_prompt: int = 8, ste
             int(s["front_counted"].sum()) if twin is not None else 0,
             azimuth_use(model, prompt, seed=seed, turn_deg=turn) if twin is not None else None,
             check,
+            shape_pull(model, prompt, seed=seed) if obj.shape in PRIMITIVES else None,
         ))
         rows.append([x for i in range(n_per_prompt) for x in (imgs[i].numpy(), gt["rgb"][i].numpy())])
     if grid_path:
@@ -178,16 +246,21 @@ def evaluate(model, prompts: list[str] | None = None, n_per_prompt: int = 8, ste
 
 def format_table(scores: list[PromptScore]) -> str:
     """One row per prompt, a mean row (its view column: the front check) and the corner check's total."""
-    lines = [f"{'prompt':<20} {'mask IoU':>8} {'colour err':>10} {'view ok':>9} {'az use':>7}"]
+    lines = [f"{'prompt':<20} {'mask IoU':>8} {'colour err':>10} {'view ok':>9} {'az use':>7} {'pull':>6}"]
     for s in scores:
         front = f"{s.front_correct}/{s.front_counted}" if s.front_counted else "-"
         use = f"{100 * s.azimuth_use:+6.1f}%" if s.azimuth_use is not None else "-"
-        lines.append(f"{s.prompt:<20} {s.iou:8.3f} {s.colour_error:10.3f} {front:>9} {use:>7}")
+        pull = f"{s.shape_pull:+6.2f}" if s.shape_pull is not None else "-"
+        lines.append(f"{s.prompt:<20} {s.iou:8.3f} {s.colour_error:10.3f} {front:>9} {use:>7} {pull:>6}")
     n = max(len(scores), 1)
     fronts = [s for s in scores if s.check != "corner"]
     fc, ft = sum(s.front_correct for s in fronts), sum(s.front_counted for s in fronts)
     lines.append(f"{'mean':<20} {sum(s.iou for s in scores) / n:8.3f} "
                  f"{sum(s.colour_error for s in scores) / n:10.3f} {(f'{fc}/{ft}' if ft else '-'):>9}")
+    pulls = [s.shape_pull for s in scores if s.shape_pull is not None]
+    if pulls:
+        lines.append(f"shape pull (t = 900, guidance 7.5; primitives): mean {sum(pulls) / len(pulls):+.3f}, "
+                     f"lowest {min(pulls):+.3f}")
     cubes = [s for s in scores if s.check == "corner"]
     cc, ct = sum(s.front_correct for s in cubes), sum(s.front_counted for s in cubes)
     if ct:
