@@ -17,13 +17,12 @@ import argparse
 import math
 import multiprocessing as mp
 import resource
-import statistics
-import time
 
 import torch
 import torch.nn as nn
 
 from lift3d.geometry.encodings import HashGridEncoding
+from timing import median_seconds
 
 PRIMES = (1, 2654435761, 805459861)
 
@@ -67,16 +66,6 @@ def build(kind: str, n_levels: int, log2_table: int) -> nn.Module:
     return HashGridEncoding(n_levels=n_levels, log2_hashmap_size=log2_table)
 
 
-def time_it(fn, runs: int = 5) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def measure(enc: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     def fwd():
         with torch.no_grad():
@@ -86,7 +75,7 @@ def measure(enc: nn.Module, x: torch.Tensor) -> tuple[float, float]:
         out = enc(x)
         out.backward(torch.ones_like(out))
 
-    return x.shape[0] / time_it(fwd), x.shape[0] / time_it(fwd_bwd)
+    return x.shape[0] / median_seconds(fwd), x.shape[0] / median_seconds(fwd_bwd)
 
 
 def _status_kib(field: str) -> int:

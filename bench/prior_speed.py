@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 
 from lift3d.priors.toyworld.model import ToyPriorConfig, ToyWorldPrior
 from lift3d.priors.toyworld.vocab import VOCAB
+from timing import median_seconds
 
 
 def inputs(batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -29,17 +28,6 @@ def inputs(batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     tokens = torch.randint(1, len(VOCAB), (batch, 3), generator=g)
     camera = torch.tensor([[0.35, 0.5, 0.866, 2.0]]).repeat(batch, 1)
     return x, t, tokens, camera
-
-
-def median_seconds(fn, runs: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -76,8 +64,8 @@ def main() -> None:
         data = inputs(batch)
         with torch.no_grad():
             diff = (nhwc(*data) - nchw(*data)).abs().max().item()
-        base = median_seconds(make(nchw, data), args.runs)
-        fast = median_seconds(make(nhwc, data), args.runs)
+        base = median_seconds(make(nchw, data), args.runs, warmup=2)
+        fast = median_seconds(make(nhwc, data), args.runs, warmup=2)
         print(f"| {name} | {base * 1e3:.1f} | {fast * 1e3:.1f} | {base / fast:.2f} | {diff:.1e} |")
 
 
