@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/render_raster.py
 	$(BIN)/python bench/render_splat.py
 	$(BIN)/python bench/prior_speed.py
+	$(BIN)/python bench/train_step.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

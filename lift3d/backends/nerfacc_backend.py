@@ -57,12 +57,24 @@ def update_estimator(estimator: torch.nn.Module, step: int, occ_eval_fn: Callabl
 
 
 def sample(estimator: torch.nn.Module, rays_o: Tensor, rays_d: Tensor, t_min: Tensor, t_max: Tensor,
-           render_step_size: float, stratified: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Packed samples in occupied cells: (ray_indices [S] long, t_starts [S], t_ends [S])."""
-    ray_indices, t_starts, t_ends = estimator.sampling(
-        rays_o, rays_d, t_min=t_min, t_max=t_max, render_step_size=render_step_size, stratified=stratified,
-        early_stop_eps=0.0, alpha_thre=0.0,
-    )
+           render_step_size: float, stratified: bool, density_fn: Callable[[Tensor], Tensor] | None = None,
+           early_stop_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed samples in occupied cells: (ray_indices [S] long, t_starts [S], t_ends [S]).
+
+    With ``density_fn`` (points [S, 3] -> density) and ``early_stop_eps`` > 0, samples a ray reaches
+    with transmittance below ``early_stop_eps`` are dropped (nerfacc evaluates the density without
+    gradients for that).
+    """
+    sigma_fn = None
+    if density_fn is not None and early_stop_eps > 0:
+        def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
+            t_mid = (0.5 * (t_starts + t_ends)).unsqueeze(-1)
+            return density_fn(rays_o[ray_indices] + rays_d[ray_indices] * t_mid).reshape(-1)
+    with torch.no_grad():
+        ray_indices, t_starts, t_ends = estimator.sampling(
+            rays_o, rays_d, sigma_fn=sigma_fn, t_min=t_min, t_max=t_max, render_step_size=render_step_size,
+            stratified=stratified, early_stop_eps=early_stop_eps if sigma_fn is not None else 0.0, alpha_thre=0.0,
+        )
     return ray_indices.long(), t_starts, t_ends
 
 

@@ -89,11 +89,13 @@ class HashGridField(BaseImplicitGeometry):
         start_step, update_steps), Frequency."""
         mlp_network_config: dict[str, Any] = field(default_factory=dict)
         """MLPs after the encoding, merged over (VanillaMLP, ReLU, n_neurons 64, n_hidden_layers 1)."""
-        normal_type: Literal["finite_difference", "analytic", "pred"] = "finite_difference"
-        """How normals are computed: central differences of the field, autograd of the field, or a
-        predicted head (``normal_network``, needs its own supervision)."""
+        normal_type: Literal["finite_difference", "finite_difference_forward", "analytic", "pred"] = "finite_difference"
+        """How normals are computed: central differences of the field (6 more field evaluations per
+        point), forward differences (3 more, reusing the point's own value; threestudio's
+        ``finite_difference`` is this scheme, its ``finite_difference_laplacian`` our central one),
+        autograd of the field, or a predicted head (``normal_network``, needs its own supervision)."""
         finite_difference_eps: float = 0.01
-        """Step of the central differences, in world units."""
+        """Step of the finite differences, in world units."""
         isosurface_resolution: int = 64
         """Grid resolution of marching cubes in ``isosurface()``."""
         isosurface_threshold: float | str = "auto"
@@ -151,6 +153,12 @@ class HashGridField(BaseImplicitGeometry):
             shifted = (points[:, None, :] + offsets).view(-1, 3)  # [N*6, 3]
             vals = self._smooth_field(shifted)[0].view(-1, 3, 2)  # [N, 3, (+, -)]
             grad = (vals[..., 0] - vals[..., 1]) / (2.0 * eps)  # [N, 3]
+            return F.normalize(sign * grad, dim=-1), grad
+        if self.cfg.normal_type == "finite_difference_forward":
+            eps = self.cfg.finite_difference_eps
+            offsets = torch.eye(3, dtype=points.dtype, device=points.device) * eps
+            shifted = (points[:, None, :] + offsets).view(-1, 3)  # [N*3, 3]
+            grad = (self._smooth_field(shifted)[0].view(-1, 3) - smooth) / eps  # smooth: [N, 1]
             return F.normalize(sign * grad, dim=-1), grad
         raise ValueError(f"normal_type {self.cfg.normal_type!r} is handled by _forward_impl")
 

@@ -13,8 +13,9 @@ A small strength keeps the layout and colours of the render and only sharpens th
 converges to a detail-preserving fixed point instead of SDS's oversaturated mode seeking.
 
 The DDIM steps (eta = 0) visit ``t_k = round(t_s (n - k) / n)``, k = 0..n-1, then land on the clean
-image (``a = 1``); the predicted clean image is clipped to [-1, 1] at every step, as the prior's
-sampler (:func:`lift3d.priors.toyworld.model.sample`) does. Renders are resized to the prior's
+image (``a = 1``); the predicted clean image is clipped to [-1, 1] at every step and the noise
+re-derived from the clipped image, as the prior's sampler (:func:`lift3d.priors.toyworld.model.sample`)
+does. Renders are resized to the prior's
 resolution for denoising and the target back to the render's size for the loss.
 """
 
@@ -92,7 +93,10 @@ class ToyWorldRefineGuidance(ToyWorldGuidance):
                     out_c, out_u = out.chunk(2)
                     a = self.alphas_cumprod[t]
                     eps, x0 = predict_eps_x0(self.prior.cfg, out_u + scale * (out_c - out_u), x, a.expand(B))
+                    # Clip the clean estimate and re-derive the noise from it: the unclipped noise
+                    # would carry a guided overshoot into the next step's input.
                     x0 = x0.clamp(-1, 1)
+                    eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
                     a_prev = self.alphas_cumprod[ts[k + 1]] if k + 1 < len(ts) else torch.ones_like(a)
                     x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
                 target = ((x + 1) / 2).permute(0, 2, 3, 1)

@@ -120,6 +120,11 @@ class NeRFVolumeRenderer(BaseRenderer):
         ``geometry.cfg.radius``."""
         near_plane: float = 0.0
         """Samples start no closer than this to the ray origin."""
+        early_stop_eps: float = 0.0
+        """Drop the samples a ray reaches with transmittance below this (nerfacc's ``early_stop_eps``;
+        0: keep all). Their densities come from one extra evaluation without gradients; a ray then
+        loses at most this much opacity, and the expensive pass (normals, features, backward) skips
+        what lies behind the surface."""
         return_comp_normal: bool = False
         """Compute normals (and ``comp_normal``) even if the material does not need them."""
         return_normal_perturb: bool = False
@@ -260,6 +265,19 @@ class NeRFVolumeRenderer(BaseRenderer):
         flat = torch.nonzero(valid.reshape(-1)).squeeze(-1)  # [Nv] into N*S
         return {"t_starts": t_starts, "t_ends": t_ends, "t_mid": t_mid, "flat": flat, "ray_indices": flat // S}
 
+    def _early_stop(self, rays_o: Tensor, rays_d: Tensor, smp: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``smp`` of :meth:`_samples_torch` without the samples reached with transmittance below
+        ``early_stop_eps`` (densities evaluated without gradients)."""
+        N, S = smp["t_starts"].shape
+        flat, ray = smp["flat"], smp["ray_indices"]
+        with torch.no_grad():
+            pts = rays_o[ray] + rays_d[ray] * smp["t_mid"].reshape(-1)[flat].unsqueeze(-1)
+            dens = self._density_fn(pts).reshape(-1)
+            sig = torch.zeros(N * S, dtype=dens.dtype, device=dens.device).index_put((flat,), dens)
+            trans = composite_weights(sig.view(N, S), smp["t_starts"], smp["t_ends"])[1]
+            keep = trans.reshape(-1)[flat] > self.cfg.early_stop_eps
+        return {**smp, "flat": flat[keep], "ray_indices": ray[keep]}
+
     def _render_rays(self, rays_o: Tensor, rays_d: Tensor, light: Tensor, extra: dict[str, Any]) -> dict[str, Tensor]:
         """Flat rays [N, 3] -> per-ray [N, ...] and packed [Nv, ...] outputs."""
         N = rays_o.shape[0]
@@ -273,11 +291,13 @@ class NeRFVolumeRenderer(BaseRenderer):
             t_far = torch.maximum(t_far, t_near)
             ray_idx, ts, te = nerfacc_backend.sample(
                 self._estimator_for(rays_o.device), rays_o, rays_d, t_near, t_far, self.step_size,
-                self.cfg.randomized and self.training,
+                self.cfg.randomized and self.training, self._density_fn, self.cfg.early_stop_eps,
             )
             t_mid_v = 0.5 * (ts + te)
         else:
             smp = self._samples_torch(rays_o, rays_d)
+            if self.cfg.early_stop_eps > 0:
+                smp = self._early_stop(rays_o, rays_d, smp)
             ray_idx, flat = smp["ray_indices"], smp["flat"]
             t_mid_v = smp["t_mid"].reshape(-1)[flat]
             ts = smp["t_starts"].reshape(-1)[flat]

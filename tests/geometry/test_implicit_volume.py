@@ -61,7 +61,7 @@ def test_density_is_activated_bias_at_init(bias):
     torch.testing.assert_close(out["density"], torch.exp(b - 1.0), rtol=2e-2, atol=1e-4)
 
 
-@pytest.mark.parametrize("normal_type", ["finite_difference", "analytic"])
+@pytest.mark.parametrize("normal_type", ["finite_difference", "finite_difference_forward", "analytic"])
 def test_normals_point_outward_of_the_blob(normal_type):
     g = make(normal_type=normal_type)
     p = F.normalize(torch.randn(64, 3), dim=-1) * 0.3
@@ -136,3 +136,20 @@ def test_trunc_exp_gradient_is_clamped():
     assert torch.isfinite(x.grad).all()
     assert math.isclose(float(x.grad[0]), math.e, rel_tol=1e-5)
     assert math.isclose(float(x.grad[1]), math.exp(15.0), rel_tol=1e-5)
+
+
+def test_forward_differences_evaluate_half_the_points_and_agree_with_central_ones():
+    calls = {}
+    normals = {}
+    p = F.normalize(torch.randn(64, 3), dim=-1) * 0.3
+    for kind in ("finite_difference", "finite_difference_forward"):
+        g = make(normal_type=kind)
+        seen = []
+        g.encoding.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+        out = g(p, output_normal=True)
+        calls[kind], normals[kind] = sum(seen), out["normal"]
+        out["normal"][:, 0].sum().backward()  # the normals carry gradients to the table
+        assert g.encoding.embeddings.grad.abs().sum() > 0
+    assert calls["finite_difference"] == 7 * 64 and calls["finite_difference_forward"] == 4 * 64
+    cos = (normals["finite_difference"] * normals["finite_difference_forward"]).sum(-1)
+    assert cos.min() > 0.99

@@ -25,7 +25,8 @@ def _inputs(size=16):
 
 
 def _manual_ddim(weights, rgb, noise, t_start, n, scale, prompt="a red cube"):
-    """DDIM (eta 0, v-prediction, x0 clipped) written out from the formulas, CFG on the model output."""
+    """DDIM (eta 0, v-prediction, x0 clipped, the noise re-derived from the clipped x0) written out
+    from the formulas, CFG on the model output; also returns how far each step's x0 overshot."""
     prior = ToyWorldPrior.load(weights).eval()
     from lift3d.priors.toyworld.model import make_scheduler
 
@@ -35,6 +36,7 @@ def _manual_ddim(weights, rgb, noise, t_start, n, scale, prompt="a red cube"):
     x = ac[ts[0]].sqrt() * x + (1 - ac[ts[0]]).sqrt() * noise
     tok = pad_tokens([tokenize(prompt)] * 2)
     cam = camera_vector(CAMS["elevation"], CAMS["azimuth"], CAMS["camera_distances"])
+    clipped = []
     with torch.no_grad():
         for k, t in enumerate(ts):
             tt = torch.full((2,), t)
@@ -42,11 +44,13 @@ def _manual_ddim(weights, rgb, noise, t_start, n, scale, prompt="a red cube"):
             v_u = prior(x, tt, tok, cam, torch.ones(2, dtype=torch.bool))
             v = v_u + scale * (v_c - v_u)
             a = ac[t]
-            x0 = (a.sqrt() * x - (1 - a).sqrt() * v).clamp(-1, 1)
-            eps = (1 - a).sqrt() * x + a.sqrt() * v
+            x0 = a.sqrt() * x - (1 - a).sqrt() * v
+            clipped.append(float((x0.abs() - 1).clamp_min(0).max()))
+            x0 = x0.clamp(-1, 1)
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the noise implied by the clipped image
             a_prev = ac[ts[k + 1]] if k + 1 < n else torch.tensor(1.0)
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    return ((x + 1) / 2).permute(0, 2, 3, 1), ts
+    return ((x + 1) / 2).permute(0, 2, 3, 1), ts, clipped
 
 
 def test_registered_and_timesteps(weights):
@@ -64,8 +68,11 @@ def test_target_equals_manual_ddim(weights):
     g = ToyWorldRefineGuidance({"pretrained": str(weights), "strength": 0.4, "n_steps": 3, "guidance_scale": 4.0})
     rgb, noise = _inputs()
     out = g(rgb, PromptUtils("a red cube"), noise=noise, **CAMS)
-    expected, ts = _manual_ddim(weights, rgb, noise, round(0.4 * (g.num_train_timesteps - 1)), 3, 4.0)
+    expected, ts, clipped = _manual_ddim(weights, rgb, noise, round(0.4 * (g.num_train_timesteps - 1)), 3, 4.0)
     assert int(out["t_start"]) == ts[0]
+    # The guided estimate overshoots [-1, 1] before the last step, so the clipping (and the noise
+    # re-derived from the clipped image) is what this comparison checks.
+    assert max(clipped[:-1]) > 1e-2
     torch.testing.assert_close(out["denoised"], expected, rtol=1e-4, atol=1e-5)
     # The prior moved the image: the target is not the render.
     assert float((out["denoised"] - rgb.detach()).abs().max()) > 1e-2

@@ -446,3 +446,25 @@ def test_shape_pull_of_shipped_weights_follows_the_image_at_low_noise_and_the_pr
     assert shape_pull(m, "a yellow cube", t=900, n=4) == high  # deterministic for a seed
     with pytest.raises(ValueError, match="not a primitive"):
         shape_pull(m, "a snowman")
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights not present")
+def test_guided_samples_of_shipped_weights_stay_on_the_object():
+    # Each DDIM step clips the guided clean estimate; the noise it re-adds must be re-derived from
+    # the clipped image. With the unclipped noise, guided sampling drifted into texture (these four
+    # snowmen: mask IoU 0.18 at guidance 5; 0.83 with the re-derived noise).
+    from lift3d.priors.toyworld.data import FOVY, RESOLUTION, camera_vector
+    from lift3d.priors.toyworld.evaluate import score_samples
+    from lift3d.priors.toyworld.render import render
+    from lift3d.priors.toyworld.shapes import get_object
+    from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
+    from lift3d.utils.cameras import make_cameras
+
+    m = ToyWorldPrior.load().eval()
+    elev, azim, dist = torch.tensor([10.0, 30.0, 20.0, 45.0]), torch.tensor([0.0, 70.0, 200.0, 300.0]), torch.full((4,), 2.0)
+    cams = make_cameras(elev, azim, dist, torch.full((4,), FOVY), RESOLUTION, RESOLUTION)
+    gt = render(get_object("a snowman"), cams, torch.tensor([[0.0, 0.0, 1.0]]).expand(4, 3))
+    img = sample(m, pad_tokens([tokenize("a snowman")] * 4), camera_vector(elev, azim, dist), steps=20,
+                 guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
+    iou = score_samples(img.permute(0, 2, 3, 1), gt)["iou"]
+    assert float(iou.mean()) > 0.6, iou

@@ -196,6 +196,31 @@ def test_occupancy_pruning_skips_empty_space_and_keeps_image():
     torch.testing.assert_close(a["opacity"], b["opacity"], atol=2e-3, rtol=0)
 
 
+def test_early_stop_drops_samples_behind_the_surface_and_keeps_the_image():
+    geo = ColouredBall()
+    c = cams([30.0, 200.0], res=16)
+    ref = make_renderer(geo, num_samples_per_ray=96)
+    es = make_renderer(geo, num_samples_per_ray=96, early_stop_eps=1e-4)
+    a, b = ref(**c), es(**c)
+    # The ball is opaque: about half of each hitting ray's samples lie past the front surface.
+    assert b["weights"].shape[0] < 0.8 * a["weights"].shape[0]
+    torch.testing.assert_close(a["opacity"], b["opacity"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(a["comp_rgb"], b["comp_rgb"], atol=1e-4, rtol=0)
+    # Every kept sample was reached with transmittance above the threshold.
+    ray = b["ray_indices"]  # packed, ray by ray
+    sd = b["density"][:, 0] * b["t_intervals"][:, 0]
+    excl = torch.cumsum(sd, 0) - sd
+    in_front = excl - excl[torch.searchsorted(ray, ray)]  # optical depth before each sample, per ray
+    assert float(torch.exp(-in_front).min()) > 1e-4
+    # Gradients reach the same parameters of the field in training.
+    geo_t = find("implicit-volume")({"radius": 1.0, "density_bias": "blob_magic3d", "n_feature_dims": 3,
+                                     "pos_encoding_config": {"n_levels": 4, "log2_hashmap_size": 12}})
+    r = make_renderer(geo_t, num_samples_per_ray=64, early_stop_eps=1e-4)
+    r.train()
+    r(**c)["comp_rgb"].mean().backward()
+    assert geo_t.encoding.embeddings.grad.abs().sum() > 0
+
+
 def test_eval_chunking_matches_single_pass():
     geo = ColouredBall()
     r = make_renderer(geo, num_samples_per_ray=48)
@@ -297,12 +322,14 @@ def test_implicit_volume_fits_multiview_renders():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not nerfacc_backend.available(),
                     reason="nerfacc CUDA path needs CUDA and nerfacc")
-def test_nerfacc_cuda_path_matches_torch_path():
+@pytest.mark.parametrize("early_stop_eps", [0.0, 1e-4])
+def test_nerfacc_cuda_path_matches_torch_path(early_stop_eps):
     geo = ColouredBall().cuda()
     c = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in cams([30.0, 150.0], res=24).items()}
     outs = []
     for impl in ("torch", "nerfacc"):
-        r = make_renderer(geo, num_samples_per_ray=256, grid_prune=True, implementation=impl).cuda()
+        r = make_renderer(geo, num_samples_per_ray=256, grid_prune=True, implementation=impl,
+                          early_stop_eps=early_stop_eps).cuda()
         r.eval()
         for step in range(0, 64, 16):
             r.update_step(0, step)

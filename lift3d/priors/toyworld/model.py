@@ -243,5 +243,8 @@ def sample(
         out = model(torch.cat([x, x]), tt, torch.cat([tokens, tokens]), torch.cat([camera, camera]), drop)
         cond, uncond = out.chunk(2)
         guided = uncond + guidance_scale * (cond - uncond)
-        x = sched.step(guided, t, x, eta=eta, generator=generator).prev_sample
+        # The step clips the predicted clean image to [-1, 1]; the noise it re-adds must be the one
+        # implied by that clipped image, or a guided prediction that overshoots the range leaves its
+        # excess in the noise and the trajectory drifts off the data (guidance 3 gave mask IoU 0.25).
+        x = sched.step(guided, t, x, eta=eta, generator=generator, use_clipped_model_output=True).prev_sample
     return ((x + 1) / 2).clamp(0, 1)

@@ -312,7 +312,7 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
             losses.append(float(loss.detach()))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr_at(cfg, step - 1):.2e}")
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(cfg, step - 1):.2e}")
             if step % cfg.log_every == 0:
                 log.write(f"{step},{sum(losses) / len(losses):.6f},{lr_at(cfg, step - 1):.3e},"
                           f"{time.time() - t_start:.1f}\n")

@@ -1,0 +1,117 @@
+"""Training-step time of a recipe under config variants, measured in one process.
+
+Each variant builds the recipe's system and data as ``launch.py`` does, optionally restores a
+checkpoint (so the field is the trained one: an opaque surface prunes differently from the initial
+blob), then trains ``--warmup`` untimed and ``--steps`` timed steps. The table gives the median
+step time, its ratio to the first variant (the baseline), and the evaluated samples per step when
+the renderer reports them. Variants run one after another in this process; run it alone on the
+machine.
+
+    python bench/train_step.py [--config configs/tiny/dreamfusion.yaml] \\
+        [--resume outputs/.../ckpts/last.ckpt] [--steps 15] [--threads 2] \\
+        [--variant base= --variant fast=system.renderer.early_stop_eps=1e-4,...]
+
+Without ``--variant`` it compares the volume renderer's normal schemes (central and forward finite
+differences) with and without early ray stopping on the dreamfusion recipe; from scratch the field
+is the initial blob, which no ray stops in, so pass ``--resume`` with a trained checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+DEFAULT_VARIANTS = [
+    "central=system.geometry.normal_type=finite_difference,system.renderer.early_stop_eps=0",
+    "forward_fd=system.geometry.normal_type=finite_difference_forward,system.renderer.early_stop_eps=0",
+    "early_stop=system.geometry.normal_type=finite_difference,system.renderer.early_stop_eps=1e-4",
+    "both=system.geometry.normal_type=finite_difference_forward,system.renderer.early_stop_eps=1e-4",
+]
+
+
+def run_variant(config: str, overrides: list[str], resume: str | None, warmup: int, steps: int) -> dict:
+    import lightning.pytorch as pl
+
+    from lift3d.launch import load_experiment
+    from lift3d.registry import find, load_plugins
+    from lift3d.utils.checkpoint import AtomicCheckpointIO
+
+    load_plugins(REPO)
+    start = 0
+    if resume:
+        start = int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"])
+    overrides = list(overrides) + [f"trainer.max_steps={start + warmup + steps}", "trainer.val_check_interval=null"]
+    cfg, _, prov = load_experiment(config, overrides)
+    pl.seed_everything(cfg.seed, verbose=False)
+    save = tempfile.TemporaryDirectory(prefix="lift3d-bench-")
+    system = find(cfg.system_type, "system")(cfg.system, cfg_key="system", prov=prov, seed=cfg.seed,
+                                             save_dir=save.name)
+    plan = [(s, dict(st.data)) for s, st in zip(system.stage_starts(), system.cfg.stages)]
+    dm = find(cfg.data_type, "data")(cfg.data, cfg_key="data", prov=prov, seed=cfg.seed, stage_plan=plan)
+
+    times: list[float] = []
+    samples: list[int] = []
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            times.append(time.perf_counter() - self.t0)
+
+    def count(module, inputs, out):  # samples the field evaluated this step (volume renderers)
+        if isinstance(out, dict) and "weights" in out:
+            samples.append(int(out["weights"].shape[0]))
+
+    system.renderer.register_forward_hook(count)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=start + warmup + steps, max_epochs=-1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         callbacks=[Clock()], plugins=[AtomicCheckpointIO()], inference_mode=False)
+    trainer.fit(system, datamodule=dm, ckpt_path=resume, weights_only=True)
+    save.cleanup()
+    timed = times[warmup:]
+    return {"median_s": statistics.median(timed), "n": len(timed),
+            "samples": statistics.median(samples[warmup:]) if samples[warmup:] else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/tiny/dreamfusion.yaml")
+    p.add_argument("--resume", default=None, help="checkpoint to start from (its step is the first trained)")
+    p.add_argument("--variant", action="append", default=None,
+                   help="NAME=override[,override...]; the first is the baseline ('base=' for none). "
+                        "Default: the volume renderer's normal schemes with and without early ray stopping")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = args.config if Path(args.config).exists() else str(REPO / args.config)
+    rows = []
+    for spec in args.variant or DEFAULT_VARIANTS:
+        name, _, rest = spec.partition("=")
+        overrides = [o for o in rest.split(",") if o]
+        rows.append((name, overrides, run_variant(config, overrides, args.resume, args.warmup, args.steps)))
+    base = rows[0][2]["median_s"]
+    print(f"\n{args.config}, {'from ' + args.resume if args.resume else 'from scratch'}, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} steps after {args.warmup}")
+    print(f"{'variant':<16} {'step s':>8} {'x base':>7} {'samples':>9}  overrides")
+    for name, overrides, r in rows:
+        smp = f"{r['samples']:9.0f}" if r["samples"] is not None else f"{'-':>9}"
+        print(f"{name:<16} {r['median_s']:8.3f} {base / r['median_s']:7.2f} {smp}  {' '.join(overrides) or '-'}")
+
+
+if __name__ == "__main__":
+    main()
