@@ -12,9 +12,12 @@ Torch path (the reference, any device): every ray gets ``num_samples_per_ray`` b
 entry and exit of the scene box (or sphere) of the geometry's radius, jittered inside the bin
 while training. Samples falling in empty cells of the occupancy grid are dropped *before* the field
 runs, so the network only sees occupied space; compositing is dense over ``[n_rays, n_samples]``
-(pruned samples have zero density), which is cheap next to the field. CUDA path (rays on CUDA,
-nerfacc importable, ``implementation`` not ``torch``): nerfacc's ``OccGridEstimator`` marches the
-rays with the same step and the packed CUDA scan composites.
+(pruned samples have zero density), which is cheap next to the field. With ``early_stop_eps`` the
+samples behind an opaque surface go too: one gradient-free density pass gives each sample's
+transmittance, and those below the threshold are dropped before the full pass (normals, features,
+backward). CUDA path (rays on CUDA, nerfacc importable, ``implementation`` not ``torch``): nerfacc's
+``OccGridEstimator`` marches the rays with the same step (and the same early stop) and the packed
+CUDA scan composites.
 
 Checkpoints: the occupancy grid's state (``occupancy.occs``, ``occupancy.binary``,
 ``occupancy.n_updates``) is in the renderer's state dict whichever path keeps it up to date, so a
