@@ -81,7 +81,7 @@ def run_variant(config: str, overrides: list[str], resume: str | None, warmup: i
     trainer.fit(system, datamodule=dm, ckpt_path=resume, weights_only=True)
     save.cleanup()
     timed = times[warmup:]
-    return {"median_s": statistics.median(timed), "n": len(timed),
+    return {"median_s": statistics.median(timed),
             "samples": statistics.median(samples[warmup:]) if samples[warmup:] else None}
 
 
