@@ -13,6 +13,7 @@ stage switches, densification and the NaN guard are in our hands, not hidden in 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -96,6 +97,11 @@ class SystemConfig:
     """Phases of the run; empty means one stage lasting ``trainer.max_steps``."""
     grad_clip: Optional[float] = None
     """Clip the global gradient norm to this value."""
+    opaque_split: float = 0.5
+    """The rendered opacity that the opacity term (``lambda_opaque``) treats as the boundary between
+    empty and solid: above it a pixel is pushed to 1, below it to 0. On a black background a faint
+    surface renders like a dim solid one, so a split below 0.5 keeps a fading surface instead of
+    erasing it (0 < split < 1)."""
     check_finite: bool = True
     """Stop with a clear error on a NaN/Inf loss term or gradient."""
 
@@ -516,7 +522,13 @@ def _reg_sparsity(system: BaseSystem, out: dict, batch: dict) -> Tensor:
 
 
 def _reg_opaque(system: BaseSystem, out: dict, batch: dict) -> Tensor:
+    # Binary entropy of the opacity, its maximum moved from 0.5 to ``opaque_split`` by o -> o^k.
+    split = float(system.cfg.opaque_split)
+    if not 0.0 < split < 1.0:
+        raise ConfigError(f"system.opaque_split must be strictly between 0 and 1, got {split}")
     o = out["opacity"].clamp(1e-4, 1 - 1e-4)
+    if split != 0.5:
+        o = (o ** (math.log(0.5) / math.log(split))).clamp(1e-4, 1 - 1e-4)
     return -(o * torch.log(o) + (1 - o) * torch.log(1 - o)).mean()
 
 

@@ -193,3 +193,27 @@ def test_checkpoints_load_weights_only(tmp_path):
     torch.save({"state_dict": {}, "payload": _Evil()}, p)
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
         AtomicCheckpointIO().load_checkpoint(p)
+
+
+@pytest.mark.parametrize("split", [0.5, 0.2, 0.8])
+def test_opacity_term_pushes_away_from_its_split(split):
+    from lift3d.systems.base import BaseSystem
+
+    s = TextTo3DSystem(tiny_system_config(opaque_split=split))
+    reg = BaseSystem.regularizers["opaque"]
+    o = torch.linspace(0.1, 0.95, 86, requires_grad=True)
+    reg(s, {"opacity": o}, {}).backward()
+    # Gradient descent moves each opacity away from the split: up above it, down below it.
+    below, above = o.detach() < split - 0.02, o.detach() > split + 0.02
+    assert (o.grad[below] > 0).all() and (o.grad[above] < 0).all()
+    with torch.no_grad():  # the term is largest at the split
+        per_value = torch.stack([reg(s, {"opacity": v.view(1)}, {}) for v in o])
+    assert abs(float(o[per_value.argmax()]) - split) < 0.015
+
+
+def test_opacity_split_out_of_range_is_an_error():
+    from lift3d.systems.base import BaseSystem
+
+    s = TextTo3DSystem(tiny_system_config(opaque_split=1.0))
+    with pytest.raises(ConfigError, match="opaque_split"):
+        BaseSystem.regularizers["opaque"](s, {"opacity": torch.rand(4)}, {})

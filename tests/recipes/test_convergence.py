@@ -24,7 +24,9 @@ STEPS = 300  # the recipe's 600, with its schedules halved to match
 
 
 def _halved(schedule):
-    """A ``[start, v0, v1, end]`` schedule of the recipe, over half the steps."""
+    """A ``[start, v0, v1, end]`` schedule of the recipe, over half the steps (a constant stays)."""
+    if not isinstance(schedule, list):
+        return schedule
     start, v0, v1, end = schedule
     return [start // 2, v0, v1, end // 2]
 
