@@ -1,7 +1,8 @@
-"""Magic3D's stage switch keeps the shape: the DMTet built at the switch matches the NeRF's own isosurface.
+"""The NeRF -> DMTet stage switch keeps the shape: the DMTet built at the switch matches the NeRF's isosurface.
 
-The NeRF and the DMTet are configured exactly as in ``configs/tiny/magic3d.yaml`` (coarse geometry, then
-the fine stage's geometry block). The NeRF is first fitted to a toy-world object's occupancy, so the test
+Magic3D switches so from its coarse to its fine stage, and Fantasia3D from its shape to its geometry
+stage. The NeRF and the DMTet are configured exactly as in ``configs/tiny/<recipe>.yaml`` (the
+top-level geometry, then the first stage's geometry block that names DMTet). The NeRF is first fitted to a toy-world object's occupancy, so the test
 covers a real, non-spherical density field (including the snowman's thin nose).
 """
 
@@ -18,11 +19,11 @@ from lift3d.priors.toyworld.metrics import occupancy_grid
 from lift3d.priors.toyworld.shapes import get_object
 from lift3d.registry import find
 
-RECIPE = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "magic3d.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 
 
-def _recipe() -> dict:
-    raw, _ = load_config(RECIPE)
+def _recipe(name: str) -> dict:
+    raw, _ = load_config(TINY / f"{name}.yaml")
     return resolve(raw)
 
 
@@ -44,9 +45,10 @@ def _fit_nerf(geo, prompt: str, steps: int = 250) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("prompt", ["a red cube", "a snowman"])
-def test_dmtet_after_switch_matches_nerf_isosurface(prompt):
-    cfg = _recipe()
+@pytest.mark.parametrize("recipe, prompt", [("magic3d", "a red cube"), ("magic3d", "a snowman"),
+                                            ("fantasia3d", "a snowman")])
+def test_dmtet_after_switch_matches_nerf_isosurface(recipe, prompt):
+    cfg = _recipe(recipe)
     coarse = dict(cfg["system"]["geometry"])
     fine_stage = next(s for s in cfg["system"]["stages"] if s.get("geometry_type") == "tetrahedra-sdf-grid")
     assert cfg["system"]["geometry_type"] == "implicit-volume"
