@@ -76,6 +76,14 @@ class MeshExporter(BaseExporter):
         """Also call ``geometry.export_ply(<name>_gaussians.ply)`` when the geometry has it (3D Gaussians)."""
         chunk_size: int = 262144
         """Points per call of the geometry and material while baking (bounds memory)."""
+        volume_bake_band: float = 0.0
+        """For density fields (geometries with ``forward_density``, e.g. ``implicit-volume``): read each
+        texel's channels as a volume render sees the surface head-on, composited along the inward
+        normal over ``[+band, -band]`` around the surface point (world units), instead of at the point
+        itself. A NeRF's colour changes with depth, and its isosurface is not where its renders take
+        their colour from. 0 reads at the surface point; other geometries always do."""
+        volume_bake_samples: int = 16
+        """Samples along the normal for ``volume_bake_band``."""
 
     def configure(self, **kwargs: Any) -> None:
         super().configure(**kwargs)
@@ -94,7 +102,19 @@ class MeshExporter(BaseExporter):
         def fn(pts: Tensor) -> dict[str, Tensor]:
             return self.channels(geometry.export_attributes(pts), material, warned)
 
-        return fn
+        band = float(self.cfg.volume_bake_band)
+        if band <= 0 or not callable(getattr(geometry, "forward_density", None)):
+            return fn
+        k = int(self.cfg.volume_bake_samples)
+        if k < 2:
+            raise ValueError(f"mesh-exporter: volume_bake_samples must be at least 2, got {k}")
+        step = max(1, self.cfg.chunk_size // k)
+
+        def composited(pts: Tensor) -> dict[str, Tensor]:
+            return _cat_channels([volume_channels(geometry, fn, pts[s : s + step], band, k)
+                                  for s in range(0, pts.shape[0], step)])
+
+        return composited
 
     def channels(self, attrs: dict[str, Tensor], material: Any, warned: set[str]) -> dict[str, Tensor]:
         """Geometry attributes ``{features [N, C], ...}`` -> the texture channels this exporter writes."""
@@ -173,3 +193,37 @@ class MeshExporter(BaseExporter):
             colors = torch.cat(cols, dim=0) if cols else torch.zeros(0, 3)
             written["ply"] = write_ply(out_dir / f"{name}.ply", mesh, colors)
         return written
+
+
+def volume_channels(geometry: Any, fn: Callable[[Tensor], dict[str, Tensor]], pts: Tensor, band: float,
+                    k: int) -> dict[str, Tensor]:
+    """Channels at surface points ``pts`` [N, 3] of a density field as a head-on volume render sees them.
+
+    The outward normal is minus the density gradient; ``k`` samples run from ``pts + band n`` to
+    ``pts - band n`` and the channels ``fn`` gives there are composited with the NeRF weights
+    ``w_i = T_i (1 - exp(-sigma_i delta))``, normalised by their sum. Points whose band holds
+    almost no opacity (sum of weights < 1e-3) keep the channels at the point itself.
+    """
+    with torch.enable_grad():
+        p = pts.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(geometry.forward_density(p).sum(), p)
+    normal = -torch.nn.functional.normalize(grad, dim=-1)
+    offsets = torch.linspace(band, -band, k, device=pts.device, dtype=pts.dtype)
+    q = (pts[:, None, :] + offsets[None, :, None] * normal[:, None, :]).reshape(-1, 3)
+    with torch.no_grad():
+        sigma = geometry.forward_density(q).reshape(-1, k).float()
+    alpha = 1.0 - torch.exp(-sigma * (2.0 * band / (k - 1)))
+    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], 1), 1)
+    w = trans * alpha
+    total = w.sum(1, keepdim=True)
+    at_point = fn(pts)
+    along = fn(q)
+    out = {}
+    for name, val in along.items():
+        mix = (w[..., None] * val.reshape(-1, k, val.shape[-1]).float()).sum(1) / total.clamp_min(1e-6)
+        out[name] = torch.where(total > 1e-3, mix.to(val.dtype), at_point[name])
+    return out
+
+
+def _cat_channels(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {key: torch.cat([p[key] for p in parts], 0) for key in parts[0]}

@@ -342,3 +342,52 @@ def test_cuda_bake_matches_torch_bake():
     assert agree > 0.995  # texel centres exactly on an edge may go either way
     both = (cpu["mask"] & gpu["mask"].cpu())[..., 0]
     torch.testing.assert_close(gpu["albedo"].cpu()[both], cpu["albedo"][both], atol=1e-4, rtol=0)
+
+
+class SkinnedBallGeometry(BaseGeometry):
+    """A density ball whose colour changes with depth: a thin, tenuous dark skin over a bright core.
+
+    Density ramps linearly from 0 at r = 0.52 to 200 at r = 0.48; the level-1 isosurface sits at
+    r ~ 0.5198, inside the dark skin (albedo 0.2 for r > 0.51, 0.9 below), which a volume render
+    mostly sees through.
+    """
+
+    def forward_density(self, points: torch.Tensor) -> torch.Tensor:
+        r = points.norm(dim=-1, keepdim=True)
+        return 200.0 * ((0.52 - r) / 0.04).clamp(0, 1)
+
+    def export_attributes(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
+        r = points.norm(dim=-1, keepdim=True)
+        return {"features": torch.where(r > 0.51, 0.2, 0.9).expand(-1, 3).clone()}
+
+
+def _radial_render(geo: SkinnedBallGeometry, n: int = 20000) -> float:
+    """The albedo a head-on ray sees, by brute-force compositing from r = 0.6 inwards."""
+    r = torch.linspace(0.6, 0.3, n)
+    pts = torch.stack([r, torch.zeros_like(r), torch.zeros_like(r)], -1)
+    sigma = geo.forward_density(pts)[:, 0]
+    alpha = 1 - torch.exp(-sigma * (0.3 / (n - 1)))
+    w = torch.cumprod(torch.cat([torch.ones(1), 1 - alpha[:-1]]), 0) * alpha
+    return float((w * geo.export_attributes(pts)["features"][:, 0]).sum() / w.sum())
+
+
+def test_volume_bake_reads_colour_where_a_render_sees_it():
+    geo, mat = SkinnedBallGeometry({}), PlainMaterial({})
+    surface = F.normalize(torch.randn(64, 3, generator=torch.Generator().manual_seed(0)), dim=-1) * 0.5198
+    at_point = MeshExporter({})
+    assert torch.allclose(at_point.attribute_fn(geo, mat)(surface)["albedo"], torch.tensor(0.2))
+    want = _radial_render(geo)
+    assert 0.6 < want < 0.85  # the skin shows a little, the core mostly
+    banded = MeshExporter({"volume_bake_band": 0.05, "volume_bake_samples": 64, "chunk_size": 640})
+    got = banded.attribute_fn(geo, mat)(surface)["albedo"]
+    assert got.shape == (64, 3)
+    assert (got - want).abs().max() < 0.05, (got.min(), got.max(), want)
+
+
+def test_volume_bake_keeps_surface_colour_for_fields_without_density_and_checks_samples():
+    geo, mat = SphereGeometry({}), PlainMaterial({})
+    pts = F.normalize(torch.randn(32, 3), dim=-1)
+    banded = MeshExporter({"volume_bake_band": 0.05})
+    assert torch.allclose(banded.attribute_fn(geo, mat)(pts)["albedo"], ramp(pts))
+    with pytest.raises(ValueError, match="volume_bake_samples"):
+        MeshExporter({"volume_bake_band": 0.05, "volume_bake_samples": 1}).attribute_fn(SkinnedBallGeometry({}), mat)
