@@ -25,6 +25,7 @@ from torch import Tensor
 from lift3d.exporters.base import BaseExporter
 from lift3d.exporters.formats import TEXTURE_CHANNELS, write_glb, write_obj, write_ply
 from lift3d.exporters.uv import bake_texture, unwrap_uv
+from lift3d.renderers.volume import composite_weights
 from lift3d.registry import register
 from lift3d.utils.io import to_uint8
 from lift3d.utils.mesh import Mesh
@@ -94,6 +95,8 @@ class MeshExporter(BaseExporter):
             raise ValueError(f"mesh-exporter: texture_size must be at least 8, got {self.cfg.texture_size}")
         if self.cfg.pad_pixels < 0 or self.cfg.uv_padding < 0:
             raise ValueError("mesh-exporter: pad_pixels and uv_padding must be >= 0")
+        if self.cfg.volume_bake_samples < 2:
+            raise ValueError(f"mesh-exporter: volume_bake_samples must be at least 2, got {self.cfg.volume_bake_samples}")
 
     def attribute_fn(self, geometry: Any, material: Any) -> Callable[[Tensor], dict[str, Tensor]]:
         """points [N, 3] -> texture channels ``{albedo [N,3], roughness [N,1], ...}`` in [0, 1]."""
@@ -106,8 +109,6 @@ class MeshExporter(BaseExporter):
         if band <= 0 or not callable(getattr(geometry, "forward_density", None)):
             return fn
         k = int(self.cfg.volume_bake_samples)
-        if k < 2:
-            raise ValueError(f"mesh-exporter: volume_bake_samples must be at least 2, got {k}")
         step = max(1, self.cfg.chunk_size // k)
 
         def composited(pts: Tensor) -> dict[str, Tensor]:
@@ -200,8 +201,8 @@ def volume_channels(geometry: Any, fn: Callable[[Tensor], dict[str, Tensor]], pt
     """Channels at surface points ``pts`` [N, 3] of a density field as a head-on volume render sees them.
 
     The outward normal is minus the density gradient; ``k`` samples run from ``pts + band n`` to
-    ``pts - band n`` and the channels ``fn`` gives there are composited with the NeRF weights
-    ``w_i = T_i (1 - exp(-sigma_i delta))``, normalised by their sum. Points whose band holds
+    ``pts - band n`` and the channels ``fn`` gives there are composited with the volume renderer's
+    weights (:func:`lift3d.renderers.volume.composite_weights`), normalised by their sum. Points whose band holds
     almost no opacity (sum of weights < 1e-3) keep the channels at the point itself.
     """
     with torch.enable_grad():
@@ -212,9 +213,8 @@ def volume_channels(geometry: Any, fn: Callable[[Tensor], dict[str, Tensor]], pt
     q = (pts[:, None, :] + offsets[None, :, None] * normal[:, None, :]).reshape(-1, 3)
     with torch.no_grad():
         sigma = geometry.forward_density(q).reshape(-1, k).float()
-    alpha = 1.0 - torch.exp(-sigma * (2.0 * band / (k - 1)))
-    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], 1), 1)
-    w = trans * alpha
+    t = (band - offsets.float()).expand(sigma.shape[0], k)  # distance along the inward ray
+    w, _, _ = composite_weights(sigma, t, t + 2.0 * band / (k - 1))
     total = w.sum(1, keepdim=True)
     at_point = fn(pts)
     along = fn(q)

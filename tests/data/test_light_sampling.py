@@ -18,15 +18,16 @@ def _cams(g: torch.Generator) -> dict:
     return make_cameras(elev, azim, dist, torch.full((N,), 40.0), 2, 2)
 
 
-def _directions(strategy: str) -> tuple[torch.Tensor, dict]:
+def _lights(strategy: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(light positions [N, 3], their unit directions, cameras) for a strategy, on a fixed seed."""
     g = torch.Generator().manual_seed(0)
     cams = _cams(g)
     light = sample_light_positions(RandomCameraConfig(light_sample_strategy=strategy), cams, g)
-    return torch.nn.functional.normalize(light, dim=-1), cams
+    return light, torch.nn.functional.normalize(light, dim=-1), cams
 
 
 def test_upper_hemisphere_lights_are_uniform_above_the_image_horizon():
-    d, cams = _directions("upper-hemisphere")
+    light, d, cams = _lights("upper-hemisphere")
     up = cams["c2w"][:, :3, 1]
     towards_camera = torch.nn.functional.normalize(cams["camera_positions"], dim=-1)
     cos_up = (d * up).sum(-1)
@@ -38,13 +39,11 @@ def test_upper_hemisphere_lights_are_uniform_above_the_image_horizon():
     behind = ((d * towards_camera).sum(-1) < 0).float().mean().item()
     assert abs(behind - 0.5) < 0.03
     # Far away: the shading is that of the directional light the prior was trained with.
-    g = torch.Generator().manual_seed(0)
-    light = sample_light_positions(RandomCameraConfig(light_sample_strategy="upper-hemisphere"), cams, g)
     assert (light.norm(dim=-1) > 5 * cams["camera_distances"]).all()
 
 
 def test_dreamfusion_lights_stay_near_the_camera():
-    d, cams = _directions("dreamfusion")
+    _, d, cams = _lights("dreamfusion")
     towards_camera = torch.nn.functional.normalize(cams["camera_positions"], dim=-1)
     assert ((d * towards_camera).sum(-1) > 0).float().mean().item() > 0.75
 
