@@ -32,8 +32,8 @@ def _fit_nerf(geo, prompt: str, steps: int = 250) -> None:
 
     It rises to 200 inside, about what SDS-trained NeRFs reach: dreamfusion's "a red cube" peaks at
     120 to 850 along the axes and diagonals through its centre. A low peak (20) would put the
-    50%-opacity surface that an ``auto`` level finds in the middle of a sub-cell transition, which
-    no trained field has."""
+    50%-opacity surface that an ``auto`` level finds in the middle of a sub-cell transition, where
+    the trained fields measured have theirs near the transition's foot."""
     obj = get_object(prompt)
     peak = 200.0
     thr = geo.cfg.isosurface_threshold
