@@ -6,7 +6,11 @@ on the version-3 architecture (ray conditioning, azimuth harmonics 4). The basel
 model with its weights made NCHW-contiguous, timed in this process; ratio = baseline / row.
 Medians of 7 runs after 2 warm-ups. Timings on a shared machine are indicative only.
 
-    python bench/prior_speed.py [--threads 2] [--runs 7]
+With ``--autocast`` a second table times the NHWC training step in float32 (the baseline) against
+the same step under bfloat16 autocast (``train autocast=bf16``). bf16 is fast only on CPUs with
+AMX or AVX512-BF16 (the table prints which this one has); elsewhere it is emulated and slower.
+
+    python bench/prior_speed.py [--threads 2] [--runs 7] [--autocast]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--train-batch", type=int, default=32)
+    ap.add_argument("--autocast", action="store_true", help="also time bf16 autocast training steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -67,6 +72,39 @@ def main() -> None:
         base = median_seconds(make(nchw, data), args.runs, warmup=2)
         fast = median_seconds(make(nhwc, data), args.runs, warmup=2)
         print(f"| {name} | {base * 1e3:.1f} | {fast * 1e3:.1f} | {base / fast:.2f} | {diff:.1e} |")
+    if args.autocast:
+        autocast_table(nhwc, args)
+
+
+def cpu_bf16_flags() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
+
+
+def autocast_table(model, args) -> None:
+    data = inputs(args.train_batch)
+
+    def step(enabled):
+        def run():
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                out = model(*data)
+            out.float().square().mean().backward()
+        return run
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        lowp = model(*data).float()
+    with torch.no_grad():
+        diff = ((lowp - model(*data)).norm() / lowp.norm()).item()
+    base = median_seconds(step(False), args.runs, warmup=2)
+    fast = median_seconds(step(True), args.runs, warmup=2)
+    print(f"\nbf16 autocast, NHWC, CPU bf16 flags: {cpu_bf16_flags()}")
+    print("| case | float32 (baseline) ms | bf16 autocast ms | ratio | relative L2 output difference |")
+    print("|---|---|---|---|---|")
+    print(f"| train step, batch {args.train_batch} | {base * 1e3:.1f} | {fast * 1e3:.1f} | {base / fast:.2f} | {diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -98,10 +98,12 @@ def ray_map(camera: Tensor, resolution: int = RESOLUTION, fovy_deg: float = FOVY
     World frame, so a pixel's six numbers say where in the world its ray passes: the front of an
     object (+x) is found by a local rule rather than decoded from a global camera vector.
     """
-    elevation, azimuth, distance = camera_from_vector(camera.float())
-    cams = make_cameras(elevation, azimuth, distance, torch.full_like(elevation, fovy_deg), resolution, resolution)
-    o, d = cams["rays_o"], cams["rays_d"]
-    return torch.cat([d, torch.cross(o, d, dim=-1)], dim=-1).permute(0, 3, 1, 2).contiguous()
+    # Geometry in float32 even inside a bf16 autocast region (the caller casts the result).
+    with torch.autocast(camera.device.type, enabled=False):
+        elevation, azimuth, distance = camera_from_vector(camera.float())
+        cams = make_cameras(elevation, azimuth, distance, torch.full_like(elevation, fovy_deg), resolution, resolution)
+        o, d = cams["rays_o"], cams["rays_d"]
+        return torch.cat([d, torch.cross(o, d, dim=-1)], dim=-1).permute(0, 3, 1, 2).contiguous()
 
 
 def _sample_generator(seed: int, *index: int) -> torch.Generator:
