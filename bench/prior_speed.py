@@ -48,12 +48,6 @@ def main() -> None:
     assert nhwc.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert nchw.unet.conv_in.weight.is_contiguous()
 
-    def train_step(model, batch):
-        def run():
-            model.zero_grad(set_to_none=True)
-            model(*batch).square().mean().backward()
-        return run
-
     def guide(model, batch):
         def run():
             with torch.no_grad():
@@ -76,6 +70,16 @@ def main() -> None:
         autocast_table(nhwc, args)
 
 
+def train_step(model, batch, autocast: bool = False):
+    """One training step's forward and backward (bf16 autocast forward when ``autocast``)."""
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(*batch)
+        out.float().square().mean().backward()
+    return run
+
+
 def cpu_bf16_flags() -> str:
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
@@ -86,21 +90,12 @@ def cpu_bf16_flags() -> str:
 
 def autocast_table(model, args) -> None:
     data = inputs(args.train_batch)
-
-    def step(enabled):
-        def run():
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-                out = model(*data)
-            out.float().square().mean().backward()
-        return run
-
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         lowp = model(*data).float()
     with torch.no_grad():
         diff = ((lowp - model(*data)).norm() / lowp.norm()).item()
-    base = median_seconds(step(False), args.runs, warmup=2)
-    fast = median_seconds(step(True), args.runs, warmup=2)
+    base = median_seconds(train_step(model, data), args.runs, warmup=2)
+    fast = median_seconds(train_step(model, data, autocast=True), args.runs, warmup=2)
     print(f"\nbf16 autocast, NHWC, CPU bf16 flags: {cpu_bf16_flags()}")
     print("| case | float32 (baseline) ms | bf16 autocast ms | ratio | relative L2 output difference |")
     print("|---|---|---|---|---|")
