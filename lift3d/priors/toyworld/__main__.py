@@ -16,8 +16,12 @@ def _overrides(items: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lift3d.priors.toyworld")
     sub = p.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="train (or resume) the prior; key=value overrides of TrainConfig")
-    tr.add_argument("overrides", nargs="*", help="e.g. steps=7000 out_dir=outputs/toyworld-prior threads=2")
+    tr = sub.add_parser("train", help="train (or resume) the prior: by default every stage of the shipped "
+                        "weights' recipe; key=value overrides of TrainConfig apply to every stage")
+    tr.add_argument("overrides", nargs="*", help="e.g. threads=2 autocast=bf16 out_dir=outputs/toyworld-prior")
+    tr.add_argument("--recipe", default="shipped",
+                    help="'shipped' (the packaged recipe.yaml), a recipe YAML file, or 'none': one run "
+                         "of TrainConfig with the overrides alone")
     tr.add_argument("--install", action="store_true", help="copy the final weights into the package")
     sp = sub.add_parser("sample", help="sample one image")
     sp.add_argument("--prompt", required=True)
@@ -48,10 +52,20 @@ def main(argv: list[str] | None = None) -> int:
             import shutil
 
             from lift3d.priors.toyworld.model import DEFAULT_WEIGHTS
+            from lift3d.priors.toyworld.recipe import is_complete, train_recipe
             from lift3d.priors.toyworld.train import train
 
-            final = train(_overrides(args.overrides))
-            if args.install:
+            overrides = _overrides(args.overrides)
+            if args.recipe == "none":
+                final = train(overrides)
+                complete = final.name == "toyworld.safetensors"
+            else:
+                recipe = None if args.recipe == "shipped" else args.recipe
+                final = train_recipe(recipe, overrides)
+                complete = is_complete(recipe, overrides, final)
+            if args.install and not complete:
+                print(f"[toyworld] not installed: {final} is a partial result", file=sys.stderr)
+            elif args.install:
                 DEFAULT_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(final, DEFAULT_WEIGHTS)
                 print(f"[toyworld] installed {DEFAULT_WEIGHTS}")
