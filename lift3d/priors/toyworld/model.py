@@ -179,8 +179,8 @@ class ToyWorldPrior(nn.Module):
         if not path.is_file():
             raise MissingWeightsError(
                 f"toy-world prior weights not found at {path}. They ship with lift3d in "
-                f"{DEFAULT_WEIGHTS}; to rebuild them run the `python -m lift3d.priors.toyworld train` "
-                "commands in lift3d/priors/toyworld/README.md (hours on a 2-core CPU, minutes on a GPU), "
+                f"{DEFAULT_WEIGHTS}; to rebuild them run `python -m lift3d.priors.toyworld train threads=2 "
+                "--install` (the packaged recipe; its wall time is in lift3d/priors/toyworld/README.md), "
                 "or pass the path of a file you trained."
             )
         with safe_open(str(path), framework="pt") as f:
