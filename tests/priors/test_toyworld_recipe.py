@@ -47,41 +47,29 @@ def test_packaged_recipe_chains_the_shipped_weights_stages():
 # card's history); the packaged recipe must be exactly them
 _V6_COMMANDS = [
     "steps=6000 threads=2 out_dir=o/v3 model.ray_conditioning=true model.camera_harmonics=4 feature_weight=10 "
-    "corner_weight=4 region_weight_final=0.25 focus_prompts=[a snowman,a chair,a mug] focus_fraction=0.25",
+    "corner_weight=4 region_weight_final=0.25 'focus_prompts=[a snowman,a chair,a mug]' focus_fraction=0.25",
     "steps=1500 lr=1e-4 warmup_steps=50 ema_decay=0.998 threads=2 init_from=o/v3/toyworld.safetensors "
-    "model.ray_conditioning=true model.camera_harmonics=4 focus_prompts=[a snowman,a chair,a mug] "
+    "model.ray_conditioning=true model.camera_harmonics=4 'focus_prompts=[a snowman,a chair,a mug]' "
     "focus_fraction=0.1 out_dir=o/v4",
     "steps=1500 lr=1e-4 warmup_steps=50 ema_decay=0.998 threads=2 init_from=o/v4/toyworld.safetensors "
-    "model.ray_conditioning=true model.camera_harmonics=4 focus_prompts=[a snowman,a chair,a mug] "
+    "model.ray_conditioning=true model.camera_harmonics=4 'focus_prompts=[a snowman,a chair,a mug]' "
     "focus_fraction=0.1 min_snr_gamma=null out_dir=o/v5",
     "steps=1500 lr=1e-4 warmup_steps=50 ema_decay=0.998 threads=2 init_from=o/v5/toyworld.safetensors "
-    "model.ray_conditioning=true model.camera_harmonics=4 focus_prompts=[a snowman,a chair,a mug] "
+    "model.ray_conditioning=true model.camera_harmonics=4 'focus_prompts=[a snowman,a chair,a mug]' "
     "focus_fraction=0.2 feature_weight=4 min_snr_gamma=null out_dir=o/v6",
 ]
 
 
-def _dotlist(command: str) -> list[str]:
-    # split on the spaces between key=value items, not inside the [..] list
-    items, depth, cur = [], 0, ""
-    for ch in command:
-        depth += ch == "[" or -(ch == "]")
-        if ch == " " and depth == 0:
-            items.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return items + [cur]
-
-
 def test_packaged_recipe_is_version_6s_commands():
     import dataclasses
+    import shlex
 
     from lift3d.priors.toyworld.__main__ import _overrides
 
     stages = stage_configs(load_recipe(), {"threads": 2, "out_dir": "o"})
     assert len(stages) == len(_V6_COMMANDS)
     for (name, cfg), command in zip(stages, _V6_COMMANDS):
-        by_hand = dataclasses.asdict(parse_structured(TrainConfig, _overrides(_dotlist(command))))
+        by_hand = dataclasses.asdict(parse_structured(TrainConfig, _overrides(shlex.split(command))))
         chained = dataclasses.asdict(parse_structured(TrainConfig, cfg))
         for d in (by_hand, chained):  # the folders differ by name only; the chain is checked above
             d["out_dir"] = d["init_from"] = None
