@@ -507,3 +507,28 @@ def test_bf16_autocast_training_lowers_the_loss(tmp_path):
     assert after < 0.7 * before, (before, after)
     with pytest.raises(ValueError, match="train.autocast"):
         train({"steps": 1, "autocast": "half", "out_dir": str(tmp_path / "b")}, progress=False)
+
+
+_SAPPHIRE = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+_ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+_ARM = "processor\t: 0\nFeatures\t: fp asimd bf16 sve\n"
+
+
+def test_bf16_hardware_is_read_off_the_cpu_flags():
+    from lift3d.priors.toyworld.train import autocast_note, cpu_has_native_bf16
+
+    assert cpu_has_native_bf16(_SAPPHIRE) is True
+    assert cpu_has_native_bf16(_SAPPHIRE.replace(" amx_bf16", "")) is True  # AVX512-BF16 alone
+    assert cpu_has_native_bf16(_ZEN3) is False
+    assert cpu_has_native_bf16(_ARM) is True
+    assert cpu_has_native_bf16(_ARM.replace(" bf16", "")) is False
+    assert cpu_has_native_bf16("") is None
+    # the note: only for bf16, only on a CPU known to lack the hardware, and it names the way out
+    note = autocast_note("bf16", "cpu", _ZEN3)
+    assert note is not None and "autocast=null" in note
+    assert autocast_note("bf16", "cpu", _SAPPHIRE) is None
+    assert autocast_note(None, "cpu", _ZEN3) is None
+    assert autocast_note("bf16", "cpu", "") is None
+    assert autocast_note("bf16", "cuda", _ZEN3) is None
+    with pytest.raises(ValueError, match="train.autocast"):
+        autocast_note("fp16", "cpu", _SAPPHIRE)

@@ -38,13 +38,16 @@ def test_packaged_recipe_chains_the_shipped_weights_stages():
     for _, cfg in stages:
         tc = parse_structured(TrainConfig, cfg)
         assert tc.threads == 2 and tc.seed == 0 and tc.model["ray_conditioning"] is True
+        assert tc.autocast == "bf16"
+    for _, cfg in stage_configs(rec, {"autocast": None, "out_dir": "out/x"}):  # float32 on request
+        assert parse_structured(TrainConfig, cfg).autocast is None
     last = parse_structured(TrainConfig, stages[-1][1])
     assert last.min_snr_gamma is None and last.feature_weight == 4 and last.focus_fraction == 0.2
     assert sum(parse_structured(TrainConfig, c).steps for _, c in stages) == 10500
 
 
 # version 6's four commands as they were run, one per version, before recipes existed (the model
-# card's history); the packaged recipe must be exactly them
+# card's history); the packaged recipe (version 7) must be exactly them with autocast=bf16 added
 _V6_COMMANDS = [
     "steps=6000 threads=2 out_dir=o/v3 model.ray_conditioning=true model.camera_harmonics=4 feature_weight=10 "
     "corner_weight=4 region_weight_final=0.25 'focus_prompts=[a snowman,a chair,a mug]' focus_fraction=0.25",
@@ -60,7 +63,7 @@ _V6_COMMANDS = [
 ]
 
 
-def test_packaged_recipe_is_version_6s_commands():
+def test_packaged_recipe_is_version_6s_commands_under_bf16():
     import dataclasses
     import shlex
 
@@ -69,7 +72,7 @@ def test_packaged_recipe_is_version_6s_commands():
     stages = stage_configs(load_recipe(), {"threads": 2, "out_dir": "o"})
     assert len(stages) == len(_V6_COMMANDS)
     for (name, cfg), command in zip(stages, _V6_COMMANDS):
-        by_hand = dataclasses.asdict(parse_structured(TrainConfig, _overrides(shlex.split(command))))
+        by_hand = dataclasses.asdict(parse_structured(TrainConfig, _overrides(shlex.split(command + " autocast=bf16"))))
         chained = dataclasses.asdict(parse_structured(TrainConfig, cfg))
         for d in (by_hand, chained):  # the folders differ by name only; the chain is checked above
             d["out_dir"] = d["init_from"] = None
