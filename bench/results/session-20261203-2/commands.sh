@@ -9,3 +9,9 @@ python -m lift3d.priors.toyworld eval --n 64 --seed 2 --prompts "a snowman" "a c
 python -m lift3d.priors.toyworld eval --n 8 --weights $W   # eval-v7-n8-all.txt, 2 min 13 s
 python bench/toyworld_t23d.py --recipes configs/tiny/dreamgaussian.yaml --prompts "a snowman" "a chair" "a mug" --threads 1   # beside the next line
 python bench/toyworld_t23d.py --recipes configs/tiny/dreamgaussian.yaml --prompts "a red cone" "a purple torus" --threads 1
+# then, two at a time on one thread each:
+python bench/toyworld_t23d.py --recipes configs/tiny/magic3d.yaml --prompts "a red cube" --threads 1       # t23d-magic3d-v7-red-cube.*
+python bench/toyworld_t23d.py --recipes configs/tiny/dreamfusion.yaml --prompts "a snowman" "a green sphere" --threads 1   # t23d-dreamfusion-v7-snowman-green-sphere.*
+python bench/toyworld_t23d.py --recipes configs/tiny/dreamfusion.yaml --prompts "a chair" "a mug" --threads 1              # t23d-dreamfusion-v7-chair-mug.*
+python bench/toyworld_t23d.py --recipes configs/tiny/dreamfusion.yaml --prompts "a blue cylinder" --threads 1             # t23d-dreamfusion-v7-blue-cylinder.*
+python bench/prior_speed.py --threads 2 --runs 5 --autocast   # prior_speed-autocast.txt, alone
