@@ -15,3 +15,6 @@ python bench/toyworld_t23d.py --recipes configs/tiny/dreamfusion.yaml --prompts 
 python bench/toyworld_t23d.py --recipes configs/tiny/dreamfusion.yaml --prompts "a chair" "a mug" --threads 1              # t23d-dreamfusion-v7-chair-mug.*
 python bench/toyworld_t23d.py --recipes configs/tiny/dreamfusion.yaml --prompts "a blue cylinder" --threads 1             # t23d-dreamfusion-v7-blue-cylinder.*
 python bench/prior_speed.py --threads 2 --runs 5 --autocast   # prior_speed-autocast.txt, alone
+# dreamgaussian, all 33 prompts, two halves side by side, one thread each, nothing else running:
+python bench/toyworld_t23d.py --recipes configs/tiny/dreamgaussian.yaml --threads 1 --prompts <list_prompts()[1::2]>   # t23d-dreamgaussian-33prompts-v7-part-a.*
+python bench/toyworld_t23d.py --recipes configs/tiny/dreamgaussian.yaml --threads 1 --prompts <list_prompts()[0::2]>   # t23d-dreamgaussian-33prompts-v7-part-b.*
