@@ -81,11 +81,12 @@ def train_step(model, batch, autocast: bool = False):
 
 
 def cpu_bf16_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+    from lift3d.priors.toyworld.train import BF16_CPU_FLAGS, cpu_flags
+
+    flags = cpu_flags()
+    if not flags:
         return "unknown"
-    return " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
+    return " ".join(f for f in BF16_CPU_FLAGS if f in flags) or "none"
 
 
 def autocast_table(model, args) -> None:

@@ -72,7 +72,8 @@ def test_packaged_recipe_is_version_6s_commands_under_bf16():
     stages = stage_configs(load_recipe(), {"threads": 2, "out_dir": "o"})
     assert len(stages) == len(_V6_COMMANDS)
     for (name, cfg), command in zip(stages, _V6_COMMANDS):
-        by_hand = dataclasses.asdict(parse_structured(TrainConfig, _overrides(shlex.split(command + " autocast=bf16"))))
+        by_hand = _overrides(shlex.split(command + " autocast=bf16"))
+        by_hand = dataclasses.asdict(parse_structured(TrainConfig, by_hand))
         chained = dataclasses.asdict(parse_structured(TrainConfig, cfg))
         for d in (by_hand, chained):  # the folders differ by name only; the chain is checked above
             d["out_dir"] = d["init_from"] = None

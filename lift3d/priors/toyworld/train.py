@@ -133,22 +133,24 @@ def _autocast_enabled(autocast: str | None) -> bool:
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # bf16: Arm's BF16 extension
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
-    """Whether this CPU has bfloat16 matrix instructions (AMX, AVX512-BF16 or Arm's BF16), read off the
-    flags in ``cpuinfo`` (default: ``/proc/cpuinfo``); None where that cannot be told (not Linux).
-    Without them torch emulates bf16 and ``autocast=bf16`` trains slower than float32."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags listed in ``cpuinfo`` (default: ``/proc/cpuinfo``; x86 ``flags``, Arm
+    ``Features``); empty where there is no such file (not Linux)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return None
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[-1].split())
-    if not flags:
-        return None
-    return any(f in flags for f in BF16_CPU_FLAGS)
+            return set()
+    return {f for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))
+            for f in line.split(":", 1)[-1].split()}
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has bfloat16 matrix instructions (AMX, AVX512-BF16 or Arm's BF16), read off
+    :func:`cpu_flags`; None where that cannot be told (not Linux). Without them torch emulates bf16
+    and ``autocast=bf16`` trains slower than float32."""
+    flags = cpu_flags(cpuinfo)
+    return bool(flags & set(BF16_CPU_FLAGS)) if flags else None
 
 
 def autocast_note(autocast: str | None, device: str = "cpu", cpuinfo: str | None = None) -> str | None:
