@@ -224,6 +224,8 @@ def run(argv: list[str] | None = None) -> int:
     system.verbose = args.verbose
     stage_plan = [(start, dict(st.data)) for start, st in zip(system.stage_starts(), system.cfg.stages)]
     dm = find(cfg.data_type, "data")(cfg.data, cfg_key="data", prov=prov, seed=cfg.seed, stage_plan=stage_plan)
+    if args.train:
+        system.check_data(dm)
 
     for sub in ("configs", "ckpts", "save", "logs"):
         (trial / sub).mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 from lift3d.backgrounds.base import BaseBackground  # noqa: E402
 from lift3d.config import Scheduled  # noqa: E402
 from lift3d.geometry.base import BaseGeometry  # noqa: E402
-from lift3d.guidance.base import BaseGuidance  # noqa: E402
+from lift3d.guidance.base import BaseGuidance, GuidanceInput, GuidanceOutput  # noqa: E402
 from lift3d.materials.base import BaseMaterial  # noqa: E402
 from lift3d.registry import register  # noqa: E402
 from lift3d.renderers.base import BaseRenderer  # noqa: E402
@@ -93,12 +93,13 @@ class TargetGuidance(BaseGuidance):
         nan_at_step: int = -1
         weight: Scheduled = 1.0
 
-    def forward(self, rgb: torch.Tensor, prompt_utils: Any = None, **batch: Any) -> dict[str, Any]:
+    def forward(self, inp: GuidanceInput, t: Any = None, noise: Any = None) -> GuidanceOutput:
+        rgb = inp.rgb
         target = torch.tensor(self.cfg.target, dtype=rgb.dtype)
         loss = self.C(self.cfg.weight) * ((rgb.mean(dim=(0, 1, 2)) - target) ** 2).sum()
         if self.global_step == self.cfg.nan_at_step:
             loss = loss * float("nan")
-        return {"loss_mse": loss, "mean_rgb": rgb.detach().mean()}
+        return GuidanceOutput({"loss_mse": loss}, {"mean_rgb": rgb.detach().mean()})
 
 
 def tiny_system_config(**over: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lift3d import register
 from lift3d.config import Scheduled
-from lift3d.guidance.base import BaseGuidance
+from lift3d.guidance.base import BaseGuidance, GuidanceInput, GuidanceOutput
 
 
 @register("mean-color-guidance")
@@ -40,9 +40,14 @@ class MeanColorGuidance(BaseGuidance):
         # A buffer follows the module across devices; the guidance owns no trainable state.
         self.register_buffer("target", torch.tensor(self.cfg.color, dtype=torch.float32), persistent=False)
 
-    def forward(self, rgb: Tensor, prompt_utils: Any = None, opacity: Tensor | None = None, **batch: Any) -> dict:
-        # rgb [B, H, W, 3]; opacity [B, H, W, 1] weights pixels by how much object they show.
-        w = torch.ones_like(rgb[..., :1]) if opacity is None else opacity
-        mean = (rgb * w).sum(dim=(1, 2)) / w.sum(dim=(1, 2)).clamp_min(1e-6)  # [B, 3]
-        loss = ((mean - self.target.to(rgb.dtype)) ** 2).sum(-1).mean()
-        return {"loss_color": self.C(self.cfg.strength) * loss, "mean_color_error": loss.detach().sqrt()}
+    @classmethod
+    def requires(cls, cfg: Any) -> frozenset[str]:
+        return frozenset({"opacity"})  # the system checks at start-up that the renderer gives it
+
+    def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
+        # inp.rgb [B, H, W, 3]; inp.opacity [B, H, W, 1] weights pixels by how much object they show.
+        w = inp.opacity
+        mean = (inp.rgb * w).sum(dim=(1, 2)) / w.sum(dim=(1, 2)).clamp_min(1e-6)  # [B, 3]
+        loss = ((mean - self.target.to(inp.rgb.dtype)) ** 2).sum(-1).mean()
+        return GuidanceOutput(losses={"loss_color": self.C(self.cfg.strength) * loss},
+                              diagnostics={"mean_color_error": loss.detach().sqrt()})

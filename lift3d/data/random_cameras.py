@@ -4,6 +4,9 @@ Training batches are a pure function of (seed, global step, rank): resuming at s
 same cameras an uninterrupted run would have drawn, which is what makes resume exact. Recipes
 with stages may override data settings per stage (a higher resolution after a switch); the stage
 plan is passed in by launch so the sampler knows, from the step alone, which settings apply.
+
+Multi-view priors (MVDream, Shi et al. 2023) score sets of views of one object taken at the same
+elevation and distance, evenly spaced in azimuth; ``n_views`` makes each batch whole such groups.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lift3d.config import C, Provenance, ScheduledInt, merge_dicts, parse_structured
+from lift3d.config import C, ConfigError, Provenance, ScheduledInt, merge_dicts, parse_structured
 from lift3d.registry import register
 from lift3d.utils.base import Configurable
 from lift3d.utils.cameras import make_cameras, orbit
@@ -28,7 +31,12 @@ class RandomCameraConfig:
     width: ScheduledInt = 64
     """Training render width in pixels."""
     batch_size: int = 1
-    """Cameras per training step."""
+    """Cameras per training step (a multiple of ``n_views``)."""
+    n_views: int = 1
+    """Cameras per view group. Each consecutive group of ``n_views`` cameras shares elevation,
+    distance and field of view, with azimuths ``base + k * 360 / n_views`` (k = 0..n_views-1,
+    wrapped into [-180, 180)): the view sets multi-view priors are trained on (MVDream: 4 views
+    at 0/90/180/270). 1 gives independent cameras."""
     elevation_range: tuple[float, float] = (-10.0, 60.0)
     """Elevation in degrees, sampled uniformly."""
     azimuth_range: tuple[float, float] = (-180.0, 180.0)
@@ -38,7 +46,8 @@ class RandomCameraConfig:
     fovy_range: tuple[float, float] = (40.0, 40.0)
     """Vertical field of view in degrees."""
     batch_uniform_azimuth: bool = True
-    """Stratify azimuths within a batch (one per equal slice) so each batch sees all sides."""
+    """Stratify azimuths within a batch (one per equal slice) so each batch sees all sides; with
+    view groups, the groups' base azimuths are stratified."""
     light_sample_strategy: str = "dreamfusion"
     """'dreamfusion': a light near the camera direction, perturbed; 'camera': at the camera;
     'upper-hemisphere': a random direction with a positive component along the camera's up axis."""
@@ -88,10 +97,35 @@ def sample_light_positions(cfg: RandomCameraConfig, cams: dict, g: torch.Generat
     )
 
 
+def check_view_groups(cfg: RandomCameraConfig, key: str = "data", where: str = "") -> None:
+    """Raise ConfigError unless ``cfg.batch_size`` is a positive multiple of ``cfg.n_views``.
+
+    ``key`` is the config path of ``cfg`` (``data``, ``system.stages[1].data``) and ``where`` a
+    provenance note, both for the message.
+    """
+    if cfg.n_views < 1:
+        raise ConfigError(f"config key '{key}.n_views'{where}: must be >= 1 (1: independent cameras, "
+                          f"4: MVDream's view sets), got {cfg.n_views}")
+    if cfg.batch_size < 1 or cfg.batch_size % cfg.n_views != 0:
+        raise ConfigError(
+            f"config key '{key}.batch_size'{where} is {cfg.batch_size}, which is not a positive multiple of "
+            f"'{key}.n_views' = {cfg.n_views}: a batch is made of whole view groups; use batch_size "
+            f"{cfg.n_views}, {2 * cfg.n_views}, ... or change n_views"
+        )
+
+
 def sample_cameras(cfg: RandomCameraConfig, step: int, seed: int, rank: int = 0) -> dict[str, Any]:
-    """The training batch for ``step``: deterministic in (seed, step, rank)."""
+    """The training batch for ``step``: deterministic in (seed, step, rank).
+
+    With ``n_views == 1`` the draws (and so the batches) are exactly those of the sampler before
+    view groups existed; keep that path's order of random draws unchanged, resume and published
+    scores depend on it.
+    """
     g = torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1))
-    B = cfg.batch_size
+    n = cfg.n_views
+    if n < 1 or cfg.batch_size % n != 0:
+        check_view_groups(cfg)
+    B = cfg.batch_size // n  # one draw per group; with n == 1, per camera
     elevation = _uniform(cfg.elevation_range, B, g)
     if cfg.batch_uniform_azimuth:
         lo, hi = cfg.azimuth_range
@@ -100,21 +134,32 @@ def sample_cameras(cfg: RandomCameraConfig, step: int, seed: int, rank: int = 0)
         azimuth = _uniform(cfg.azimuth_range, B, g)
     distance = _uniform(cfg.camera_distance_range, B, g)
     fovy = _uniform(cfg.fovy_range, B, g)
+    if n > 1:
+        elevation, distance, fovy = (x.repeat_interleave(n) for x in (elevation, distance, fovy))
+        offsets = torch.arange(n, dtype=azimuth.dtype) * (360.0 / n)
+        azimuth = (azimuth[:, None] + offsets[None, :]).reshape(-1)
+        azimuth = torch.remainder(azimuth + 180.0, 360.0) - 180.0
+        # remainder can round to exactly 360 for inputs just below -180: keep the range half-open.
+        azimuth = torch.where(azimuth >= 180.0, azimuth - 360.0, azimuth)
     h, w = int(C(cfg.height, step)), int(C(cfg.width, step))
     cams = make_cameras(elevation, azimuth, distance, fovy, h, w)
+    # Lights are drawn per camera: every strategy places them relative to the camera.
     cams["light_positions"] = sample_light_positions(cfg, cams, g)
+    cams["n_views"] = n
     return cams
 
 
 class _TrainCameras(IterableDataset):
-    def __init__(self, cfg_at: Callable[[int], RandomCameraConfig], seed: int, start_step: Callable[[], int],
+    """The endless training stream: ``batch_at(step, rank)`` from the trainer's step onwards."""
+
+    def __init__(self, batch_at: Callable[[int, int], dict[str, Any]], start_step: Callable[[], int],
                  rank: Callable[[], int]):
-        self.cfg_at, self.seed, self.start_step, self.rank = cfg_at, seed, start_step, rank
+        self.batch_at, self.start_step, self.rank = batch_at, start_step, rank
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         step = self.start_step()
         while True:
-            yield sample_cameras(self.cfg_at(step), step, self.seed, self.rank())
+            yield self.batch_at(step, self.rank())
             step += 1
 
 
@@ -151,15 +196,25 @@ class RandomCameraDataModule(Configurable, pl.LightningDataModule):
         self._raw = dict(cfg or {})
         self._prov = prov
         self._parse_cfg(self._raw, cfg_key, prov)
+        self.cfg_key = cfg_key
         self.seed = seed
+        self.check_config(self.cfg, cfg_key)
         # [(first step of the stage, data overrides)], ascending; the base config applies before.
         self.stage_plan = sorted(stage_plan or [], key=lambda t: t[0])
         self._stage_cfgs: dict[int, RandomCameraConfig] = {}
+        owner = getattr(type(self), "registry_name", type(self).__name__)
         for i, (_, over) in enumerate(self.stage_plan):
             if over:
+                key = f"system.stages[{i}].data"
                 self._stage_cfgs[i] = parse_structured(
-                    RandomCameraConfig, merge_dicts(self._raw, over), key=f"system.stages[{i}].data", prov=prov
+                    type(self).Config, merge_dicts(self._raw, over), key=key, prov=prov, owner=owner
                 )
+                self.check_config(self._stage_cfgs[i], key)
+
+    def check_config(self, cfg: RandomCameraConfig, key: str) -> None:
+        """Checks across fields, run at construction on the base config and every stage's."""
+        where = self._prov.describe(f"{key}.n_views") if self._prov else ""
+        check_view_groups(cfg, key, where)
 
     def cfg_at(self, step: int) -> RandomCameraConfig:
         cfg = self.cfg
@@ -174,8 +229,12 @@ class RandomCameraDataModule(Configurable, pl.LightningDataModule):
     def _rank(self) -> int:
         return int(self.trainer.global_rank) if self.trainer is not None else 0
 
+    def training_batch(self, step: int, rank: int = 0) -> dict[str, Any]:
+        """The training batch for ``step``: a pure function of (seed, step, rank) and the stage plan."""
+        return sample_cameras(self.cfg_at(step), step, self.seed, rank)
+
     def train_dataloader(self) -> DataLoader:
-        ds = _TrainCameras(self.cfg_at, self.seed, self._start_step, self._rank)
+        ds = _TrainCameras(self.training_batch, self._start_step, self._rank)
         return DataLoader(ds, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
@@ -188,4 +247,4 @@ class RandomCameraDataModule(Configurable, pl.LightningDataModule):
         return self.test_dataloader()
 
 
-__all__ = ["RandomCameraDataModule", "RandomCameraConfig", "sample_cameras"]
+__all__ = ["RandomCameraDataModule", "RandomCameraConfig", "sample_cameras", "check_view_groups"]

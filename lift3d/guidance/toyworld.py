@@ -1,177 +1,168 @@
-"""Score distillation (SDS, DreamFusion, Poole et al. 2022) against the embedded toy-world prior.
+"""The toy-world prior as a score-distillation adapter, and its three guidances.
 
-The prior is conditioned on the camera, so the batch's elevation, azimuth and distance play the
-role that view-dependent prompting plays for text-only priors. For a render ``x`` (in [-1, 1]),
-timestep ``t`` and noise ``eps``::
+The embedded toy-world prior (``lift3d.priors.toyworld``) is a pixel-space diffusion model
+conditioned on text tokens and on the camera, so the batch's elevation, azimuth and distance play
+the role that view-dependent prompting plays for text-only priors. :class:`ToyWorldPrior` adapts it
+to :mod:`lift3d.guidance.score_distillation`; the registered guidances are that core's SDS, VSD
+and refine, configured with the toy prior's weights:
 
-    x_t  = sqrt(a_t) x + sqrt(1 - a_t) eps
-    grad = w(t) (eps_cfg(x_t, t) - eps)          # d loss_sds / d x
-         = w(t) sqrt(a_t / (1 - a_t)) (x - x0_cfg(x_t, t))
+* ``toyworld-guidance``: SDS (DreamFusion);
+* ``toyworld-vsd-guidance``: VSD (ProlificDreamer) with a LoRA copy whose camera MLP also trains;
+* ``toyworld-refine-guidance``: DreamGaussian's multi-step denoised texture targets.
 
-so the gradient vanishes exactly where the render equals the prior's (guided) denoised estimate.
-``loss_sds = 0.5 * ||x - sg(x - grad)||^2 / B`` has that gradient. ``w(t)`` is ``1 - a_t``
-(DreamFusion's choice, "sds"), ``1`` ("uniform"), or ``sqrt(a_t)(1 - a_t)`` ("fantasia3d").
+Text comes from the ``toyworld-prompt-processor`` as token ids; a row of padding only (the empty
+negative prompt, or no prompt at all) means "text dropped": the prior's learned null embedding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Optional
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lift3d.config import Scheduled
-from lift3d.guidance.base import BaseGuidance
+from lift3d.config import ConfigError
+from lift3d.guidance.base import GuidanceInput
+from lift3d.guidance.score_distillation import (Cond, Conditioning, DiffusionPrior, RefineGuidance, SDSGuidance,
+                                                VSDGuidance)
 from lift3d.registry import register
 
+#: Layers of the toy UNet that get LoRA adapters in VSD by default.
+DEFAULT_LORA_TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0"]
 
-@register("toyworld-guidance")
-class ToyWorldGuidance(BaseGuidance):
-    """SDS with the toy-world prior; returns ``loss_sds`` and diagnostics."""
 
-    @dataclass
-    class Config(BaseGuidance.Config):
-        pretrained: Optional[str] = None
-        """Path of a toy-world safetensors file; null: the weights shipped in lift3d."""
-        guidance_scale: Scheduled = 7.5
-        """Classifier-free guidance scale."""
-        min_step_percent: Scheduled = 0.02
-        """Lowest timestep sampled, as a fraction of the training steps."""
-        max_step_percent: Scheduled = 0.98
-        """Highest timestep sampled (anneal it down for detail late in training)."""
-        weighting: Literal["sds", "uniform", "fantasia3d"] = "sds"
-        """w(t) in the SDS gradient."""
-        grad_clip: Optional[float] = None
-        """Clamp each gradient element to [-grad_clip, grad_clip]."""
-        image: Literal["rgb", "normal"] = "rgb"
-        """What the prior scores: the shaded render, or the normal map ``(n + 1) / 2`` over black (the
-        renderer's ``comp_normal``), as in Fantasia3D's geometry stage."""
+class ToyWorldPrior(DiffusionPrior):
+    """Adapter around a ``lift3d.priors.toyworld.model.ToyWorldPrior`` network.
 
-    def configure(self) -> None:
-        from lift3d.priors.toyworld.model import ToyWorldPrior, make_scheduler
+    Its space is pixels in [-1, 1] at the network's resolution; a branch (:data:`Cond`) is
+    ``tokens`` [B, L], ``camera`` [B, 4] (the prior's camera vector) and ``drop`` [B] (text dropped).
+    """
 
-        prior = ToyWorldPrior.load(self.cfg.pretrained)
-        prior.requires_grad_(False).eval()
-        # Frozen and not a submodule: it must stay out of the system's optimizer and checkpoints.
-        self.__dict__["prior"] = prior
-        sched = make_scheduler(prior.cfg, "ddpm")
+    def __init__(self, model: nn.Module, name: str = "toyworld"):
+        super().__init__()
+        from lift3d.priors.toyworld.model import make_scheduler
+
+        self.model = model
+        self.guidance_name = name
+        self.prediction_type = model.cfg.prediction_type
+        self.num_train_timesteps = model.cfg.num_train_timesteps
+        self.p_uncond = model.cfg.p_uncond
+        self.resolution = model.cfg.resolution
+        sched = make_scheduler(model.cfg, "ddpm")
         self.register_buffer("alphas_cumprod", sched.alphas_cumprod.clone().float(), persistent=False)
-        self.num_train_timesteps = prior.cfg.num_train_timesteps
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "ToyWorldGuidance":
-        self.prior._apply(fn, *args, **kwargs)
-        return super()._apply(fn, *args, **kwargs)
+    @classmethod
+    def load(cls, path: str | None, name: str = "toyworld") -> "ToyWorldPrior":
+        """From a toy-world safetensors file (None: the weights shipped in lift3d)."""
+        from lift3d.priors.toyworld.model import ToyWorldPrior as Network
 
-    def _tokens(self, text: str, batch: int, device: torch.device) -> Tensor:
-        from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
+        return cls(Network.load(path), name)
 
-        return pad_tokens([tokenize(text)] * batch).to(device)
-
-    def weight(self, t: Tensor) -> Tensor:
-        a = self.alphas_cumprod[t]
-        if self.cfg.weighting == "sds":
-            return 1 - a
-        if self.cfg.weighting == "fantasia3d":
-            return a.sqrt() * (1 - a)
-        return torch.ones_like(a)
-
-    # -- pieces every toy-world guidance shares -------------------------------------------------
-
-    def _check_inputs(self, prompt_utils: Any, elevation: Any, azimuth: Any, camera_distances: Any) -> None:
-        name = getattr(type(self), "registry_name", type(self).__name__)
-        if prompt_utils is None or not getattr(prompt_utils, "prompt", ""):
-            raise ValueError(f"{name} needs a prompt (set prompt=... on the command line)")
-        if elevation is None or azimuth is None or camera_distances is None:
-            raise ValueError(f"{name} needs the batch's elevation, azimuth and camera_distances")
-
-    def _scored_image(self, rgb: Tensor, batch: dict[str, Any]) -> Tensor:
-        """The render the prior scores ([B, H, W, 3] in [0, 1]): ``rgb`` or the normal map."""
-        if getattr(self.cfg, "image", "rgb") != "normal":
-            return rgb
-        normal = batch.get("comp_normal")
-        if normal is None:
-            name = getattr(type(self), "registry_name", type(self).__name__)
-            raise ValueError(f"{name} image: normal needs the render's comp_normal; use a renderer that returns "
-                             "normals (mesh-rasterizer, or a volume renderer with normals)")
-        return normal
-
-    def _to_prior(self, rgb: Tensor) -> Tensor:
+    def encode(self, images: Tensor) -> Tensor:
         """[B, H, W, 3] in [0, 1] -> [B, 3, res, res] in [-1, 1] at the prior's resolution."""
-        res = self.prior.cfg.resolution
-        x = rgb.permute(0, 3, 1, 2)
+        res = self.resolution
+        x = images.permute(0, 3, 1, 2)
         if x.shape[-2:] != (res, res):
             x = F.interpolate(x, (res, res), mode="bilinear", align_corners=False, antialias=True)
         return x * 2 - 1
 
-    def _step_range(self) -> tuple[int, int]:
-        """(lo, hi) timesteps from the (scheduled) min/max step percentages, clamped to the schedule."""
-        n = self.num_train_timesteps
-        lo = int(self.C(self.cfg.min_step_percent) * n)
-        hi = int(self.C(self.cfg.max_step_percent) * n)
-        return max(0, min(lo, n - 1)), max(1, min(hi, n - 1))
+    def decode(self, x: Tensor) -> Tensor:
+        return ((x + 1) / 2).permute(0, 2, 3, 1)
 
-    def _conditions(self, prompt_utils: Any, B: int, dev: torch.device, elevation: Tensor, azimuth: Tensor,
-                    camera_distances: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(cond tokens, uncond tokens, uncond text-drop mask [B], camera vectors [B, 4]).
-
-        The unconditional branch is the negative prompt when there is one, else the dropped text.
-        """
+    def condition(self, inp: GuidanceInput, view_dependent_prompting: bool = True) -> Conditioning:
         from lift3d.priors.toyworld.data import camera_vector
 
-        cond = self._tokens(prompt_utils.prompt, B, dev)
-        neg = getattr(prompt_utils, "negative_prompt", "")
-        uncond = self._tokens(neg, B, dev) if neg else cond
-        uncond_drop = torch.full((B,), not neg, dtype=torch.bool, device=dev)
-        cam = camera_vector(elevation.float(), azimuth.float(), camera_distances.float()).to(dev)
-        return cond, uncond, uncond_drop, cam
+        if inp.prompt is None or getattr(inp.prompt, "text_embeddings", None) is None:
+            raise ValueError(f"{self.guidance_name} needs the prompt's token ids: use prompt_processor_type "
+                             "toyworld-prompt-processor (and set prompt=... on the command line)")
+        cams = inp.cameras
+        dev = cams.elevation.device
+        cond, uncond = inp.prompt.get_text_embeddings(cams.elevation, cams.azimuth, cams.distance,
+                                                      view_dependent_prompting=view_dependent_prompting)
+        cond, uncond = cond.to(dev), uncond.to(dev)
+        cam = camera_vector(cams.elevation.float(), cams.azimuth.float(), cams.distance.float()).to(dev)
+        return Conditioning(cond={"tokens": cond, "camera": cam, "drop": (cond == 0).all(-1)},
+                            uncond={"tokens": uncond, "camera": cam, "drop": (uncond == 0).all(-1)})
 
-    def _prepare(self, rgb: Tensor, prompt_utils: Any, elevation: Any, azimuth: Any, camera_distances: Any,
-                 t: Tensor | None, noise: Tensor | None, batch: dict[str, Any]) -> tuple:
-        """Checked inputs of a score-distillation step: (x [B,3,res,res] in [-1,1], t [B], noise,
-        lo, hi, conditions) with ``t`` drawn in [lo, hi) and ``noise`` drawn unless given."""
-        self._check_inputs(prompt_utils, elevation, azimuth, camera_distances)
-        x = self._to_prior(self._scored_image(rgb, batch))
-        B, dev = x.shape[0], x.device
-        lo, hi = self._step_range()
-        if t is None:
-            t = torch.randint(lo, max(hi, lo + 1), (B,), device=dev)
-        if noise is None:
-            noise = torch.randn_like(x)
-        conds = self._conditions(prompt_utils, B, dev, elevation, azimuth, camera_distances)
-        return x, t, noise, lo, hi, conds
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return self.model(x_t, t, cond["tokens"], cond["camera"], cond["drop"])
 
-    def forward(self, rgb: Tensor, prompt_utils: Any = None, elevation: Tensor | None = None,
-                azimuth: Tensor | None = None, camera_distances: Tensor | None = None, t: Tensor | None = None,
-                noise: Tensor | None = None, **batch: Any) -> dict[str, Any]:
-        from lift3d.priors.toyworld.model import predict_eps_x0
+    def drop_text(self, cond: Cond, mask: Tensor) -> Cond:
+        return {**cond, "drop": cond["drop"] | mask}
 
-        x, t, noise, lo, hi, (cond_tokens, uncond_tokens, uncond_drop, cam) = self._prepare(
-            rgb, prompt_utils, elevation, azimuth, camera_distances, t, noise, batch)
-        B = x.shape[0]
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        drop = torch.cat([torch.zeros_like(uncond_drop), uncond_drop])
-        with torch.no_grad():
-            x_t = a.sqrt() * x.detach() + (1 - a).sqrt() * noise
-            out = self.prior(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond_tokens, uncond_tokens]),
-                             torch.cat([cam, cam]), drop)
-            eps, x0 = predict_eps_x0(self.prior.cfg, out, torch.cat([x_t, x_t]), torch.cat([a.view(-1)] * 2))
-            e_c, e_u = eps.chunk(2)
-            scale = self.C(self.cfg.guidance_scale)
-            eps_cfg = e_u + scale * (e_c - e_u)
-            grad = self.weight(t).view(-1, 1, 1, 1) * (eps_cfg - noise)
-            grad = torch.nan_to_num(grad)
-            if self.cfg.grad_clip is not None:
-                grad = grad.clamp(-self.cfg.grad_clip, self.cfg.grad_clip)
-            denoised = (x_t - (1 - a).sqrt() * eps_cfg) / a.sqrt()
-        target = (x - grad).detach()
-        loss_sds = 0.5 * F.mse_loss(x, target, reduction="sum") / B
-        return {
-            "loss_sds": loss_sds,
-            "grad_norm": grad.norm(),
-            "min_step": torch.tensor(lo),
-            "max_step": torch.tensor(hi),
-            "denoised": ((denoised + 1) / 2).detach(),
-            "t": t,
-        }
+    def lora_copy(self, rank: int, alpha: float, targets: list[str]) -> "ToyWorldPrior":
+        """A copy with peft LoRA adapters on ``targets`` of the UNet and its camera MLP trainable."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = targets or list(DEFAULT_LORA_TARGETS)
+        phi = copy.deepcopy(self.model)
+        phi.requires_grad_(False)
+        layers = [n for n, m in phi.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        for target in targets:
+            if not any(n == target or n.endswith("." + target) for n in layers):
+                raise ConfigError(f"{self.guidance_name}: lora_targets entry {target!r} names no Linear/Conv2d layer "
+                                  f"of the UNet; layer names: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in layers}))}")
+        lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                          init_lora_weights=True)
+        inject_adapter_in_model(lora, phi.unet)
+        phi.camera_mlp.requires_grad_(True)
+        out = ToyWorldPrior(phi, self.guidance_name)
+        out.train()
+        return out
+
+
+@dataclass
+class _ToyWeights:
+    pretrained: Optional[str] = None
+    """Path of a toy-world safetensors file; null: the weights shipped in lift3d."""
+
+
+def _build(guidance: Any) -> ToyWorldPrior:
+    return ToyWorldPrior.load(guidance.cfg.pretrained, guidance.name())
+
+
+@register("toyworld-guidance")
+class ToyWorldGuidance(SDSGuidance):
+    """SDS with the toy-world prior; returns ``loss_sds``."""
+
+    @dataclass
+    class Config(SDSGuidance.Config, _ToyWeights):
+        pass
+
+    build_prior = _build
+
+    @classmethod
+    def requires(cls, cfg: Any) -> frozenset[str]:
+        return super().requires(cfg) | {"prompt_embeddings"}
+
+
+@register("toyworld-vsd-guidance")
+class ToyWorldVSDGuidance(VSDGuidance):
+    """VSD with the toy-world prior and a camera-conditioned LoRA copy; returns ``loss_vsd``."""
+
+    @dataclass
+    class Config(VSDGuidance.Config, _ToyWeights):
+        lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+        """Names (suffixes) of the UNet's Linear/Conv2d layers that get adapters."""
+
+    build_prior = _build
+    requires = ToyWorldGuidance.requires
+
+
+@register("toyworld-refine-guidance")
+class ToyWorldRefineGuidance(RefineGuidance):
+    """MSE to the toy prior's multi-step denoised render; returns ``loss_refine``."""
+
+    @dataclass
+    class Config(RefineGuidance.Config, _ToyWeights):
+        pass
+
+    build_prior = _build
+    requires = ToyWorldGuidance.requires
+
+
+__all__ = ["ToyWorldPrior", "ToyWorldGuidance", "ToyWorldVSDGuidance", "ToyWorldRefineGuidance"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lift3d.guidance.base import BaseGuidance
+from lift3d.guidance.base import BaseGuidance, GuidanceInput, GuidanceOutput
 from lift3d.priors.toyworld.render import render
 from lift3d.priors.toyworld.shapes import CATALOGUE
 from lift3d.priors.toyworld.vocab import parse_prompt
@@ -106,28 +106,33 @@ class ToyWorldReferenceGuidance(BaseGuidance):
             max_steps=self.cfg.max_steps,
         )
 
-    def forward(self, rgb: Tensor, prompt_utils: Any = None, **batch: Any) -> dict[str, Any]:
-        """rgb [B,H,W,3] in [0,1]; batch holds the camera keys (and optionally opacity [B,H,W,1]).
+    @classmethod
+    def requires(cls, cfg: Any) -> frozenset[str]:
+        return frozenset({"opacity"})
 
-        Returns loss_rgb (MSE to the ground truth), loss_mask (only when ``opacity`` is passed),
-        and the scalar diagnostic psnr (dB, of rgb against the ground truth). The ground-truth
-        images themselves come from :meth:`ground_truth` (kept out of the dict so loggers only
-        see scalars).
+    def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
+        """``inp.rgb`` [B,H,W,3] in [0,1] at ``inp.extras``' cameras (rays, lights), ``inp.opacity``.
+
+        Returns loss_rgb (MSE to the ground truth), loss_mask (when the render has an opacity), and the
+        scalar diagnostic psnr (dB, of rgb against the ground truth). The ground-truth images come
+        from :meth:`ground_truth` (kept out of the output so loggers only see scalars).
         """
+        rgb = inp.rgb
         B, H, W, _ = rgb.shape
-        gt = self.ground_truth(self._prompt(prompt_utils), batch, H, W, rgb)
+        batch = {**inp.extras, "c2w": inp.cameras.c2w, "fovy": inp.cameras.fovy}
+        gt = self.ground_truth(self._prompt(inp.prompt), batch, H, W, rgb)
         loss_rgb = F.mse_loss(rgb, gt["rgb"].to(rgb.dtype))
-        out: dict[str, Any] = {"loss_rgb": loss_rgb}
-        opacity = batch.get("opacity")
+        losses: dict[str, Tensor] = {"loss_rgb": loss_rgb}
+        opacity = inp.opacity
         if opacity is not None:
             if self.cfg.mask_loss == "bce":
                 # Written out (not F.binary_cross_entropy), which autocast refuses; float32 for the logs.
                 op = opacity.float().clamp(1e-5, 1.0 - 1e-5)
                 m = gt["mask"].to(op)
-                out["loss_mask"] = -(m * torch.log(op) + (1.0 - m) * torch.log1p(-op)).mean()
+                losses["loss_mask"] = -(m * torch.log(op) + (1.0 - m) * torch.log1p(-op)).mean()
             else:
-                out["loss_mask"] = F.mse_loss(opacity, gt["mask"].to(opacity.dtype))
+                losses["loss_mask"] = F.mse_loss(opacity, gt["mask"].to(opacity.dtype))
         with torch.no_grad():
             mse = loss_rgb.detach().clamp(min=1e-10)
-            out["psnr"] = -10.0 * torch.log10(mse)
-        return out
+            psnr = -10.0 * torch.log10(mse)
+        return GuidanceOutput(losses, {"psnr": psnr})

@@ -102,10 +102,10 @@ class SigintGuidance(TargetGuidance):
     class Config(TargetGuidance.Config):
         sigint_at_step: int = 3
 
-    def forward(self, rgb: torch.Tensor, prompt_utils: Any = None, **batch: Any) -> dict[str, Any]:
+    def forward(self, inp: Any, t: Any = None, noise: Any = None) -> Any:
         if self.global_step == self.cfg.sigint_at_step:
             os.kill(os.getpid(), signal.SIGINT)
-        return super().forward(rgb, prompt_utils, **batch)
+        return super().forward(inp, t, noise)
 
 
 def test_ctrl_c_saves_last_checkpoint_and_resume_finishes_like_a_clean_run(tmp_path, tiny_recipe):

@@ -92,3 +92,26 @@ def test_worked_example_plugin_trains_by_name(tmp_path, monkeypatch, tiny_recipe
     rgb = torch.tensor(json.loads(export.read_text())["rgb"])
     start_err = (torch.tensor([0.5, 0.5, 0.5]) - torch.tensor([0.9, 0.1, 0.2])).norm()
     assert (rgb - torch.tensor([0.9, 0.1, 0.2])).norm() < 0.5 * start_err
+
+
+def test_the_guidance_written_in_the_docs_trains_by_name(tmp_path, monkeypatch, tiny_recipe):
+    """docs/plugins.md's class, as printed, is under 40 lines and trains: the doc cannot drift."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "plugins.md").read_text()
+    section = doc[doc.index("## 2. The class"):doc.index("## 3.")]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) < 40
+    plug = tmp_path / "docplug"
+    plug.mkdir()
+    # Its own name, so it cannot collide with the shipped example that registers the same class name.
+    (plug / "doc_guidance.py").write_text(code.replace('"mean-color-guidance"', '"doc-mean-color-guidance"'))
+    monkeypatch.setenv("LIFT3D_EXTENSIONS", str(plug))
+    monkeypatch.chdir(tmp_path)
+    assert run([
+        "--config", str(tiny_recipe), "--train", f"exp_root_dir={tmp_path / 'out'}",
+        "system.guidance_type=doc-mean-color-guidance", "system.guidance={color: [0.9, 0.1, 0.2]}",
+        "system.loss={lambda_color: 1.0, lambda_mse: 0}", "trainer.max_steps=40", "trainer.val_check_interval=null",
+    ]) == 0
+    (export,) = (tmp_path / "out" / "tiny-test").glob("*/save/it40-export/model.json")
+    rgb = torch.tensor(json.loads(export.read_text())["rgb"])
+    start_err = (torch.tensor([0.5, 0.5, 0.5]) - torch.tensor([0.9, 0.1, 0.2])).norm()
+    assert (rgb - torch.tensor([0.9, 0.1, 0.2])).norm() < 0.5 * start_err

@@ -155,9 +155,9 @@ def test_every_step_runs_once_across_stage_switches(tmp_path, monkeypatch):
     seen: list[tuple[int, str]] = []
     original = TextTo3DSystem.compute_losses
 
-    def spy(self, out, batch):
+    def spy(self, batch):
         seen.append((self.global_step, self.stage.name))
-        return original(self, out, batch)
+        return original(self, batch)
 
     monkeypatch.setattr(TextTo3DSystem, "compute_losses", spy)
     trainer, _ = fit(system, 8, tmp_path)
@@ -197,10 +197,8 @@ def test_checkpoints_load_weights_only(tmp_path):
 
 @pytest.mark.parametrize("split", [0.5, 0.2, 0.8])
 def test_opacity_term_pushes_away_from_its_split(split):
-    from lift3d.systems.base import BaseSystem
-
     s = TextTo3DSystem(tiny_system_config(opaque_split=split))
-    reg = BaseSystem.regularizers["opaque"]
+    reg = s.regularizer("opaque")
     o = torch.linspace(0.1, 0.95, 86, requires_grad=True)
     reg(s, {"opacity": o}, {}).backward()
     # Gradient descent moves each opacity away from the split: up above it, down below it.
@@ -212,8 +210,6 @@ def test_opacity_term_pushes_away_from_its_split(split):
 
 
 def test_opacity_split_out_of_range_is_an_error():
-    from lift3d.systems.base import BaseSystem
-
     s = TextTo3DSystem(tiny_system_config(opaque_split=1.0))
     with pytest.raises(ConfigError, match="opaque_split"):
-        BaseSystem.regularizers["opaque"](s, {"opacity": torch.rand(4)}, {})
+        s.regularizer("opaque")(s, {"opacity": torch.rand(4)}, {})

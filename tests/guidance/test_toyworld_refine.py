@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lift3d.guidance.toyworld_refine import ToyWorldRefineGuidance
+from lift3d.guidance.toyworld import ToyWorldRefineGuidance
 from lift3d.priors.toyworld.data import camera_vector
 from lift3d.priors.toyworld.model import ToyWorldPrior
 from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
-from lift3d.prompts.base import PromptUtils
-from tiny_prior import weights  # noqa: F401  (the fixture)
+from lift3d.prompts.base import PlainPromptProcessor
+from tiny_prior import call, toy_input, weights  # noqa: F401  (weights: the fixture)
 from lift3d.registry import find
 
 CAMS = dict(elevation=torch.tensor([10.0, 30.0]), azimuth=torch.tensor([0.0, 90.0]),
@@ -67,7 +67,7 @@ def test_registered_and_timesteps(weights):
 def test_target_equals_manual_ddim(weights):
     g = ToyWorldRefineGuidance({"pretrained": str(weights), "strength": 0.4, "n_steps": 3, "guidance_scale": 4.0})
     rgb, noise = _inputs()
-    out = g(rgb, PromptUtils("a red cube"), noise=noise, **CAMS)
+    out = call(g, rgb, "a red cube", noise=noise, **CAMS)
     expected, ts, clipped = _manual_ddim(weights, rgb, noise, round(0.4 * (g.num_train_timesteps - 1)), 3, 4.0)
     assert int(out["t_start"]) == ts[0]
     # The guided estimate overshoots [-1, 1] before the last step, so the clipping (and the noise
@@ -77,15 +77,15 @@ def test_target_equals_manual_ddim(weights):
     # The prior moved the image: the target is not the render.
     assert float((out["denoised"] - rgb.detach()).abs().max()) > 1e-2
     # Another guidance scale gives another target (the CFG branch is used).
-    out2 = ToyWorldRefineGuidance({"pretrained": str(weights), "strength": 0.4, "n_steps": 3, "guidance_scale": 1.0})(
-        rgb, PromptUtils("a red cube"), noise=noise, **CAMS)
+    g1 = ToyWorldRefineGuidance({"pretrained": str(weights), "strength": 0.4, "n_steps": 3, "guidance_scale": 1.0})
+    out2 = call(g1, rgb, "a red cube", noise=noise, **CAMS)
     assert float((out2["denoised"] - out["denoised"]).abs().max()) > 1e-5
 
 
 def test_strength_zero_gives_the_render(weights):
     g = ToyWorldRefineGuidance({"pretrained": str(weights), "strength": 0.0})
     rgb, noise = _inputs()
-    out = g(rgb, PromptUtils("a red cube"), noise=noise, **CAMS)
+    out = call(g, rgb, "a red cube", noise=noise, **CAMS)
     assert torch.equal(out["denoised"], rgb.detach())
     assert out["loss_refine"].item() == 0.0
 
@@ -96,7 +96,7 @@ def test_gradient_is_mse_to_the_target(weights, size):
     g.update_step(0, 5)  # the schedule is half way: strength 0.35
     assert g.timesteps(g.C(g.cfg.strength))[0] == round(0.35 * (g.num_train_timesteps - 1))
     rgb, noise = _inputs(size)
-    out = g(rgb, PromptUtils("a red cube"), noise=noise, **CAMS)
+    out = call(g, rgb, "a red cube", noise=noise, **CAMS)
     assert out["denoised"].shape == rgb.shape  # resized back to the render's size
     out["loss_refine"].backward()
     expected = 2 * (rgb.detach() - out["denoised"]) / rgb.numel()
@@ -107,7 +107,7 @@ def test_gradient_is_mse_to_the_target(weights, size):
 def test_errors_name_what_is_missing(weights):
     g = ToyWorldRefineGuidance({"pretrained": str(weights)})
     rgb, _ = _inputs()
-    with pytest.raises(ValueError, match="elevation, azimuth and camera_distances"):
-        g(rgb, PromptUtils("a red cube"))
-    with pytest.raises(ValueError, match="prompt"):
-        g(rgb, PromptUtils(""), **CAMS)
+    inp = toy_input(rgb, **CAMS)
+    inp.prompt = PlainPromptProcessor({"prompt": "a red cube"})()
+    with pytest.raises(ValueError, match="toyworld-prompt-processor"):
+        g(inp)

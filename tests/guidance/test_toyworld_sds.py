@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lift3d.guidance.toyworld import ToyWorldGuidance
-from lift3d.prompts.base import PromptUtils
-from tiny_prior import weights  # noqa: F401  (the fixture)
+from lift3d.prompts.base import PlainPromptProcessor
+from tiny_prior import call, toy_input, weights  # noqa: F401  (weights: the fixture)
 
 
 
@@ -15,7 +15,7 @@ def _run(weights, weighting="sds", prompt="a red cube", scale=5.0):
     rgb = torch.rand(2, 16, 16, 3, generator=gen).requires_grad_(True)
     t = torch.tensor([300, 700])
     noise = torch.randn(2, 3, 16, 16, generator=gen)
-    out = g(rgb, PromptUtils(prompt), elevation=torch.tensor([10.0, 30.0]), azimuth=torch.tensor([0.0, 90.0]),
+    out = call(g, rgb, prompt, elevation=torch.tensor([10.0, 30.0]), azimuth=torch.tensor([0.0, 90.0]),
             camera_distances=torch.tensor([2.0, 2.0]), t=t, noise=noise)
     out["loss_sds"].backward()
     return g, rgb, out, t, noise
@@ -25,7 +25,7 @@ def test_sds_gradient_has_the_documented_form(weights):
     g, rgb, out, t, noise = _run(weights)
     a = g.alphas_cumprod[t].view(-1, 1, 1, 1)
     x = rgb.detach().permute(0, 3, 1, 2) * 2 - 1
-    x0 = out["denoised"] * 2 - 1
+    x0 = out["denoised"].permute(0, 3, 1, 2) * 2 - 1
     # d loss / d x = w(t) sqrt(a / (1 - a)) (x - x0_cfg); x = 2 rgb - 1 doubles it for rgb, per batch mean
     expected = (1 - a) * (a / (1 - a)).sqrt() * (x - x0) * 2 / rgb.shape[0]
     torch.testing.assert_close(rgb.grad.permute(0, 3, 1, 2), expected, rtol=1e-3, atol=1e-5)
@@ -44,7 +44,7 @@ def test_gradient_is_zero_where_render_equals_denoised_estimate(weights):
     g, rgb, out, t, noise = _run(weights)
     a = g.alphas_cumprod[t].view(-1, 1, 1, 1)
     x = rgb.detach().permute(0, 3, 1, 2) * 2 - 1
-    diff = (x - (out["denoised"] * 2 - 1)).abs()
+    diff = (x - (out["denoised"].permute(0, 3, 1, 2) * 2 - 1)).abs()
     grad = rgb.grad.permute(0, 3, 1, 2).abs()
     # the gradient is proportional to (x - x0) pixel by pixel: tiny exactly where they agree
     near = diff < 1e-3
@@ -55,14 +55,16 @@ def test_gradient_is_zero_where_render_equals_denoised_estimate(weights):
     torch.testing.assert_close(ratio[diff > 1e-2], coef[diff > 1e-2], rtol=1e-3, atol=1e-6)
 
 
-def test_unknown_words_and_missing_cameras_are_clear_errors(weights):
+def test_unknown_words_and_a_processor_without_tokens_are_clear_errors(weights):
     g = ToyWorldGuidance({"pretrained": str(weights)})
     rgb = torch.rand(1, 16, 16, 3)
     cams = dict(elevation=torch.tensor([0.0]), azimuth=torch.tensor([0.0]), camera_distances=torch.tensor([2.0]))
     with pytest.raises(Exception, match="hamburger"):
-        g(rgb, PromptUtils("a hamburger"), **cams)
-    with pytest.raises(ValueError, match="elevation, azimuth and camera_distances"):
-        g(rgb, PromptUtils("a red cube"))
+        call(g, rgb, "a hamburger", **cams)
+    inp = toy_input(rgb, elevation=torch.tensor([0.0]), azimuth=torch.tensor([0.0]), camera_distances=torch.tensor([2.0]))
+    inp.prompt = PlainPromptProcessor({"prompt": "a red cube"})()
+    with pytest.raises(ValueError, match="toyworld-prompt-processor"):
+        g(inp)
 
 
 def test_negative_prompt_changes_the_unconditional_branch(weights):
@@ -70,8 +72,8 @@ def test_negative_prompt_changes_the_unconditional_branch(weights):
     rgb = torch.rand(1, 16, 16, 3)
     kw = dict(elevation=torch.tensor([0.0]), azimuth=torch.tensor([0.0]), camera_distances=torch.tensor([2.0]),
               t=torch.tensor([500]), noise=torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
-    a = g(rgb, PromptUtils("a red cube"), **kw)["loss_sds"]
-    b = g(rgb, PromptUtils("a red cube", negative_prompt="a blue cube"), **kw)["loss_sds"]
+    a = call(g, rgb, "a red cube", **kw)["loss_sds"]
+    b = call(g, rgb, "a red cube", negative_prompt="a blue cube", **kw)["loss_sds"]
     assert abs(float(a) - float(b)) > 1e-6
 
 
@@ -82,12 +84,12 @@ def test_normal_image_mode_scores_the_normal_map(weights):
     normal = torch.rand(1, 16, 16, 3, generator=gen).requires_grad_(True)
     cams = dict(elevation=torch.tensor([10.0]), azimuth=torch.tensor([0.0]), camera_distances=torch.tensor([2.0]),
                 t=torch.tensor([500]), noise=torch.randn(1, 3, 16, 16, generator=gen))
-    out = g(rgb, PromptUtils("a red cube"), comp_normal=normal, **cams)
+    out = call(g, rgb, "a red cube", normal=normal, **cams)
     out["loss_sds"].backward()
     assert rgb.grad is None and float(normal.grad.abs().sum()) > 0
     # the same call in rgb mode on the normal map as the image gives the same gradient
     normal2 = normal.detach().clone().requires_grad_(True)
-    ToyWorldGuidance({"pretrained": str(weights)})(normal2, PromptUtils("a red cube"), **cams)["loss_sds"].backward()
+    call(ToyWorldGuidance({"pretrained": str(weights)}), normal2, "a red cube", **cams)["loss_sds"].backward()
     torch.testing.assert_close(normal.grad, normal2.grad)
     with pytest.raises(ValueError, match="comp_normal"):
-        g(rgb, PromptUtils("a red cube"), **cams)
+        call(g, rgb, "a red cube", **cams)

@@ -9,15 +9,15 @@ import torch
 from conftest import tiny_system_config
 from lift3d.config import ConfigError
 from lift3d.data.random_cameras import RandomCameraDataModule
-from lift3d.guidance.toyworld import ToyWorldGuidance
-from lift3d.guidance.toyworld_vsd import ToyWorldVSDGuidance
+from lift3d.guidance.toyworld import ToyWorldGuidance, ToyWorldVSDGuidance
 from lift3d.priors.toyworld.data import camera_vector
 from lift3d.priors.toyworld.model import ToyWorldPrior, predict_eps_x0
-from lift3d.prompts.base import PromptUtils
+from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
 from lift3d.registry import find
 from lift3d.systems.text_to_3d import TextTo3DSystem
 from lift3d.utils.checkpoint import AtomicCheckpointIO, LastCheckpoint
 from tiny_prior import TINY_PRIOR as TINY
+from tiny_prior import call
 
 CAMS = dict(elevation=torch.tensor([10.0, 30.0]), azimuth=torch.tensor([0.0, 90.0]),
             camera_distances=torch.tensor([2.0, 2.0]))
@@ -49,6 +49,16 @@ def _images(n=4, seed=0):
     return x0, cam
 
 
+def _tokens(n, prompt="a red cube"):
+    return pad_tokens([tokenize(prompt)] * n)
+
+
+def _cond(cam, prompt="a red cube"):
+    """The toy adapter's conditional branch for cameras ``cam`` [n, 4]."""
+    n = cam.shape[0]
+    return {"tokens": _tokens(n, prompt), "camera": cam, "drop": torch.zeros(n, dtype=torch.bool)}
+
+
 def _lora_state(g):
     return {n: p.detach().clone() for n, p in g.phi.named_parameters() if p.requires_grad}
 
@@ -57,12 +67,12 @@ def _lora_state(g):
 def test_gradient_is_exactly_zero_at_initialisation_when_scales_match(weights, scale):
     g = _guidance(weights, guidance_scale=scale, lora_guidance_scale=scale)
     rgb, t, noise = _inputs()
-    out = g(rgb, PromptUtils("a red cube"), **CAMS, t=t, noise=noise)
+    out = call(g, rgb, "a red cube", **CAMS, t=t, noise=noise)
     out["loss_vsd"].backward()
     assert torch.equal(rgb.grad, torch.zeros_like(rgb)) and float(out["loss_vsd"].detach()) == 0.0
     # The forward also took a LoRA step, after scoring: now phi differs from the prior.
     rgb2 = rgb.detach().clone().requires_grad_(True)
-    g(rgb2, PromptUtils("a red cube"), **CAMS, t=t, noise=noise)["loss_vsd"].backward()
+    call(g, rgb2, "a red cube", **CAMS, t=t, noise=noise)["loss_vsd"].backward()
     assert float(rgb2.grad.abs().max()) > 0
 
 
@@ -70,16 +80,17 @@ def test_gradient_with_guidance_is_the_cfg_difference_at_initialisation(weights)
     s = 5.0
     g = _guidance(weights, guidance_scale=s, weighting="sds")
     rgb, t, noise = _inputs()
-    out = g(rgb, PromptUtils("a red cube"), **CAMS, t=t, noise=noise)
+    out = call(g, rgb, "a red cube", **CAMS, t=t, noise=noise)
     out["loss_vsd"].backward()
     a = g.alphas_cumprod[t]
     x = rgb.detach().permute(0, 3, 1, 2) * 2 - 1
     x_t = a.sqrt().view(-1, 1, 1, 1) * x + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
-    tokens = g._tokens("a red cube", 2, x.device)
+    tokens = _tokens(2)
     cam = camera_vector(CAMS["elevation"], CAMS["azimuth"], CAMS["camera_distances"])
+    net = g.prior.model
     with torch.no_grad():
-        e_c = predict_eps_x0(g.prior.cfg, g.prior(x_t, t, tokens, cam, torch.tensor([False, False])), x_t, a)[0]
-        e_u = predict_eps_x0(g.prior.cfg, g.prior(x_t, t, tokens, cam, torch.tensor([True, True])), x_t, a)[0]
+        e_c = predict_eps_x0(net.cfg, net(x_t, t, tokens, cam, torch.tensor([False, False])), x_t, a)[0]
+        e_u = predict_eps_x0(net.cfg, net(x_t, t, tokens, cam, torch.tensor([True, True])), x_t, a)[0]
     # phi == prior: grad = w(t) (e_u + s (e_c - e_u) - e_c) = w(t) (s - 1) (e_c - e_u), w = 1 - a;
     # d loss / d x = grad / B, and x = 2 rgb - 1 doubles it for rgb.
     expected = (1 - a).view(-1, 1, 1, 1) * (s - 1) * (e_c - e_u) * 2 / rgb.shape[0]
@@ -92,7 +103,7 @@ def test_gradient_with_guidance_is_the_cfg_difference_at_initialisation(weights)
 def test_lora_steps_lower_its_loss_and_train_only_lora_and_camera(weights):
     g = _guidance(weights, lora_lr=1e-2)
     x0, cam = _images()
-    tokens = g._tokens("a red cube", 4, x0.device)
+    cond = _cond(cam)
     gen = torch.Generator().manual_seed(3)
     t, noise = torch.tensor([100, 400, 600, 900]), torch.randn(4, 3, 16, 16, generator=gen)
     frozen = {n: p.detach().clone() for n, p in g.phi.named_parameters() if not p.requires_grad}
@@ -101,11 +112,11 @@ def test_lora_steps_lower_its_loss_and_train_only_lora_and_camera(weights):
     assert any("lora_B" in n for n in lora) and any("camera_mlp" in n for n in lora)
     assert not any("base_layer" in n or "text_proj" in n for n in lora)
     with torch.no_grad():
-        before = float(g.lora_loss(x0, tokens, cam, t, noise))
+        before = float(g.lora_loss(x0, cond, t, noise))
     torch.manual_seed(0)
-    mean = g.train_lora(x0, tokens, cam, n_steps=20)
+    mean = g.train_lora(x0, cond, n_steps=20)
     with torch.no_grad():
-        after = float(g.lora_loss(x0, tokens, cam, t, noise))
+        after = float(g.lora_loss(x0, cond, t, noise))
     assert after < 0.93 * before and torch.isfinite(mean)
     assert g.lora_steps_taken == 20
     for n, p in g.phi.named_parameters():
@@ -120,9 +131,9 @@ def test_lora_steps_lower_its_loss_and_train_only_lora_and_camera(weights):
 def test_state_dict_holds_only_lora_and_round_trips_with_the_optimizer(weights):
     x0, cam = _images(2)
     g1 = _guidance(weights)
-    tokens = g1._tokens("a red cube", 2, x0.device)
+    cond = _cond(cam)
     torch.manual_seed(1)
-    g1.train_lora(x0, tokens, cam, n_steps=3)
+    g1.train_lora(x0, cond, n_steps=3)
     sd = g1.state_dict()
     tensors = {k for k, v in sd.items() if torch.is_tensor(v)}
     assert tensors == {f"phi.{n}" for n in _lora_state(g1)} and set(sd) == tensors | {"_extra_state"}
@@ -134,11 +145,12 @@ def test_state_dict_holds_only_lora_and_round_trips_with_the_optimizer(weights):
     g3.load_state_dict({k: v for k, v in sd.items() if k != "_extra_state"}, strict=False)
     a = g1.alphas_cumprod[torch.tensor([300, 600])].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn_like(x0)
-    assert torch.equal(g1.eps_phi(x_t, torch.tensor([300, 600]), tokens, cam),
-                       g2.eps_phi(x_t, torch.tensor([300, 600]), tokens, cam))
+    with torch.no_grad():
+        assert torch.equal(g1.phi.predict(x_t, torch.tensor([300, 600]), cond),
+                           g2.phi.predict(x_t, torch.tensor([300, 600]), cond))
     for g in (g1, g2, g3):
         torch.manual_seed(2)
-        g.train_lora(x0, tokens, cam, n_steps=1)
+        g.train_lora(x0, cond, n_steps=1)
     s1, s2, s3 = _lora_state(g1), _lora_state(g2), _lora_state(g3)
     for n in s1:
         assert torch.equal(s1[n], s2[n]), f"{n} differs after one more step"
@@ -148,12 +160,12 @@ def test_state_dict_holds_only_lora_and_round_trips_with_the_optimizer(weights):
 def test_to_moves_prior_copy_and_optimizer_state(weights):
     g = _guidance(weights, guidance_scale=3.0)
     rgb, t, noise = _inputs()
-    g(rgb, PromptUtils("a red cube"), **CAMS, t=t, noise=noise)  # creates AdamW moments
+    call(g, rgb, "a red cube", **CAMS, t=t, noise=noise)  # creates AdamW moments
     g.double()
     tensors = [*g.prior.parameters(), *g.phi.parameters(), g.alphas_cumprod]
     tensors += [v for st in g.lora_optimizer.state.values() for k, v in st.items() if k != "step"]
     assert all(v.dtype == torch.float64 for v in tensors)
-    out = g(rgb.detach().double().requires_grad_(True), PromptUtils("a red cube"), **CAMS, t=t, noise=noise.double())
+    out = call(g, rgb.detach().double().requires_grad_(True), "a red cube", **CAMS, t=t, noise=noise.double())
     assert out["loss_vsd"].dtype == torch.float64 and torch.isfinite(out["lora_loss"])
 
 
@@ -162,15 +174,15 @@ def test_to_moves_prior_copy_and_optimizer_state(weights):
 def test_to_cuda_moves_everything_and_matches_cpu(weights):
     g = _guidance(weights, guidance_scale=3.0)
     rgb, t, noise = _inputs()
-    g(rgb, PromptUtils("a red cube"), **CAMS, t=t, noise=noise)
+    call(g, rgb, "a red cube", **CAMS, t=t, noise=noise)
     ref = copy.deepcopy(g)
     g.to("cuda")
     tensors = [*g.prior.parameters(), *g.phi.parameters(), g.alphas_cumprod]
     tensors += [v for st in g.lora_optimizer.state.values() for k, v in st.items() if k != "step"]
     assert all(v.is_cuda for v in tensors)
     cams = {k: v.cuda() for k, v in CAMS.items()}
-    out = g(rgb.detach().cuda(), PromptUtils("a red cube"), **cams, t=t.cuda(), noise=noise.cuda())
-    out_ref = ref(rgb.detach(), PromptUtils("a red cube"), **CAMS, t=t, noise=noise)
+    out = call(g, rgb.detach().cuda(), "a red cube", **cams, t=t.cuda(), noise=noise.cuda())
+    out_ref = call(ref, rgb.detach(), "a red cube", **CAMS, t=t, noise=noise)
     torch.testing.assert_close(out["loss_vsd"].cpu(), out_ref["loss_vsd"], rtol=1e-3, atol=1e-6)
 
 
@@ -179,10 +191,10 @@ def test_normal_image_mode_scores_and_fits_the_normal_map(weights):
     g = _guidance(weights, image="normal", guidance_scale=3.0)
     rgb, t, noise = _inputs()
     normal = torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
-    g(rgb, PromptUtils("a red cube"), **CAMS, t=t, noise=noise, comp_normal=normal)["loss_vsd"].backward()
+    call(g, rgb, "a red cube", **CAMS, t=t, noise=noise, normal=normal)["loss_vsd"].backward()
     assert rgb.grad is None and float(normal.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="comp_normal"):
-        g(rgb, PromptUtils("a red cube"), **CAMS)
+        call(g, rgb, "a red cube", **CAMS)
 
 
 def test_registered_and_bad_options_name_the_key(weights):
@@ -202,6 +214,7 @@ DATA = {"height": 4, "width": 4, "eval_height": 4, "eval_width": 4, "n_val_views
 def _system(weights):
     cfg = tiny_system_config(guidance_type="toyworld-vsd-guidance",
                              guidance={"pretrained": str(weights), "guidance_scale": 3.0, "lora_lr": 3e-3},
+                             prompt_processor_type="toyworld-prompt-processor",
                              prompt_processor={"prompt": "a red cube"}, loss={"lambda_vsd": 1.0})
     return TextTo3DSystem(copy.deepcopy(cfg), seed=5)
 

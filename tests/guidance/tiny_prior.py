@@ -21,3 +21,19 @@ def weights(tmp_path_factory):
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.05)
     return m.save(tmp_path_factory.mktemp("w") / "tiny.safetensors")
+
+
+def toy_input(rgb, prompt="a red cube", negative_prompt="", elevation=None, azimuth=None, camera_distances=None,
+              normal=None, opacity=None):
+    """A GuidanceInput for toy-world guidances: the prompt through the toy-world prompt processor."""
+    from lift3d.guidance.base import CameraBatch, GuidanceInput
+    from lift3d.prompts.toyworld import ToyWorldPromptProcessor
+
+    prompt_utils = ToyWorldPromptProcessor({"prompt": prompt, "negative_prompt": negative_prompt})()
+    cameras = CameraBatch.from_angles(elevation, azimuth, camera_distances)
+    return GuidanceInput(cameras=cameras, rgb=rgb, normal=normal, opacity=opacity, prompt=prompt_utils)
+
+
+def call(guidance, rgb, prompt="a red cube", *, t=None, noise=None, **kw):
+    """``guidance`` on ``rgb`` seen by the cameras in ``kw`` (elevation, azimuth, camera_distances)."""
+    return guidance(toy_input(rgb, prompt, **kw), t=t, noise=noise)
