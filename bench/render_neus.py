@@ -32,7 +32,7 @@ def render_table(samples: int, res: int) -> None:
     print("-" * len(header))
     for normal_type in ("finite_difference", "analytic"):
         torch.manual_seed(0)
-        geo = find("implicit-sdf")({"implementation": "torch", "sdf_bias": "sphere", "normal_type": normal_type})
+        geo = find("implicit-sdf")({"backend": "torch", "sdf_bias": "sphere", "normal_type": normal_type})
         for variance in (0.3, 0.6):
             for mode in ("eval", "train"):
                 rows = []

@@ -90,7 +90,7 @@ def _time(fn, sync) -> float:
 def _worker(kind: str, res: int, batch: int, device: str, threads: int, q) -> None:
     import torch
 
-    from lift3d.renderers.rasterize_ops import _visible_triangle, antialias, interpolate, rasterize
+    from lift3d.utils.rasterize_ops import _visible_triangle, antialias, interpolate, rasterize
 
     if threads > 0:
         torch.set_num_threads(threads)

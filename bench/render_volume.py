@@ -69,7 +69,7 @@ def timed(fn, runs: int = 5) -> tuple[float, float]:
 
 def render_table(samples: int, res: int) -> None:
     torch.manual_seed(0)
-    geo = find("implicit-volume")({"implementation": "torch"})
+    geo = find("implicit-volume")({"backend": "torch"})
     cam = make_cameras(torch.tensor([15.0]), torch.tensor([30.0]), torch.tensor([2.5]), torch.tensor([40.0]), res, res)
     n_rays = res * res
     print(f"nerf-volume-renderer, {res}x{res} rays, {samples} samples/ray, implicit-volume (16 levels, 2^19)")

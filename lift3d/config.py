@@ -308,6 +308,40 @@ def _valid_keys_msg(cls: type, bad: str) -> str:
     return f"{hint} Valid keys: {', '.join(names) if names else '(none)'}."
 
 
+# A Config lists old key names in ``renamed_keys: ClassVar[dict[str, str]]`` ({old: new}); an old key
+# is then an error naming the new key, its values and the file, not only "unknown key".
+
+
+def _renamed_values_hint(config_cls: type, field_name: str) -> tuple[str, tuple[Any, ...]]:
+    try:
+        tp = typing.get_type_hints(config_cls).get(field_name)
+    except Exception:  # an unresolvable annotation must not hide the real error
+        return "", ()
+    if typing.get_origin(tp) is Literal:
+        vals = typing.get_args(tp)
+        return " (one of " + ", ".join(repr(v) for v in vals) + ")", vals
+    return "", ()
+
+
+def check_renamed_keys(config_cls: type, cfg: Any, key: str = "", prov: Provenance | None = None,
+                       owner: str = "") -> None:
+    """Raise :class:`ConfigError` when mapping ``cfg`` uses a key that ``config_cls`` renamed."""
+    renamed: dict[str, str] = getattr(config_cls, "renamed_keys", None) or {}
+    if not renamed or cfg is None or isinstance(cfg, config_cls) or not hasattr(cfg, "keys"):
+        return
+    for old in list(cfg.keys()):
+        if old not in renamed:
+            continue
+        new = renamed[old]
+        sub = f"{key}.{old}" if key else str(old)
+        where = prov.describe(sub) if prov else ""
+        what = f" for {owner}" if owner else ""
+        hint, values = _renamed_values_hint(config_cls, new)
+        value = cfg[old]
+        fix = f"write '{new}: {value}'" if value in values else f"use '{new}'"
+        raise ConfigError(f"config key '{sub}'{where}{what} was renamed to '{new}'; {fix}{hint}.")
+
+
 def parse_structured(cls: type, cfg: Any, *, key: str = "", prov: Provenance | None = None, owner: str = "") -> Any:
     """Build dataclass ``cls`` from ``cfg`` (mapping or None), strictly.
 
@@ -320,6 +354,7 @@ def parse_structured(cls: type, cfg: Any, *, key: str = "", prov: Provenance | N
         cfg = OmegaConf.to_container(cfg, resolve=True)
     if cfg is None:
         cfg = {}
+    check_renamed_keys(cls, cfg, key, prov, owner)
     return _convert(cls, cfg, key, prov, owner)
 
 

@@ -1,4 +1,4 @@
-"""Optional nvdiffrast backend for ``lift3d.renderers.rasterize_ops`` (CUDA only).
+"""Optional nvdiffrast backend for ``lift3d.utils.rasterize_ops`` (CUDA only).
 
 nvdiffrast (Laine et al., "Modular Primitives for High-Performance Differentiable Rendering",
 2020) is imported lazily and only used when it imports and the tensors live on CUDA; the torch

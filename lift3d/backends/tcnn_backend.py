@@ -32,7 +32,7 @@ def _require() -> Any:
     if not available():
         why = f"tinycudann failed to import ({_IMPORT_ERROR})" if _tcnn is None else "no CUDA device is available"
         raise RuntimeError(
-            f"implementation 'tcnn' was asked for but {why}; use implementation: torch (or auto)"
+            f"backend 'tcnn' was asked for but {why}; use backend: torch (or auto)"
         )
     return _tcnn
 

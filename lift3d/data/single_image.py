@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -75,6 +75,11 @@ class SingleImageConfig(RandomCameraConfig):
     """With ``recenter``: the fraction of the image the object's longer side covers, in (0, 1]."""
     background_color: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """The colour the reference RGB is composited over, in [0, 1]."""
+    ref_shading: Optional[Literal["diffuse", "albedo", "textureless"]] = "diffuse"
+    """The shading mode the reference view is rendered with (passed to the material as ``shading``):
+    the input image is a shaded photo, so DreamFusion's random albedo and textureless passes must not
+    reach the reference loss. Null lets the material choose as for random views. Its light is at the
+    reference camera."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,11 +246,13 @@ class SingleImageDataModule(RandomCameraDataModule):
 
     ``batch["ref"]`` holds the ``make_cameras`` keys of the reference camera (batch 1, at the
     reference resolution; ``light_positions`` at the camera) and ``rgb`` [1, H, W, 3] (composited
-    over ``background_color``), ``mask`` [1, H, W, 1], ``background_color`` [3]. Validation and
-    test orbits are those of random-camera-datamodule.
+    over ``background_color``), ``mask`` [1, H, W, 1], ``background_color`` [3], and ``shading``
+    (``ref_shading``). Validation and test orbits are those of random-camera-datamodule.
     """
 
     Config = SingleImageConfig
+    #: Systems check this at start-up for guidances that read the reference view.
+    provides_reference = True
 
     def __init__(self, cfg: Any = None, *, cfg_key: str = "data", prov: Provenance | None = None, seed: int = 0,
                  stage_plan: list[tuple[int, dict]] | None = None):
@@ -304,6 +311,8 @@ class SingleImageDataModule(RandomCameraDataModule):
             ref = make_cameras(*(torch.tensor([float(v)]) for v in camera), h, w)
             ref["rgb"], ref["mask"] = prepare_reference(rgb, alpha, h, w, *prep)
             ref["background_color"] = torch.tensor(cfg.background_color, dtype=torch.float32)
+            if cfg.ref_shading is not None:
+                ref["shading"] = cfg.ref_shading
             self._refs[k] = ref
         return {name: v.clone() if torch.is_tensor(v) else v for name, v in self._refs[k].items()}
 

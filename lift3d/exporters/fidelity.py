@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lift3d.utils.cameras import make_cameras
+from lift3d.utils.rasterize_ops import antialias, interpolate, rasterize
 
 
 def orbit_cameras(n_views: int = 4, size: int = 64, elevation: float = 20.0, distance: float = 2.0,
@@ -31,8 +32,6 @@ def orbit_cameras(n_views: int = 4, size: int = 64, elevation: float = 20.0, dis
 def render_obj(obj_path: str | Path, cams: dict[str, Any]) -> Tensor:
     """[B, H, W, 3] unlit render of a textured OBJ (its first material's diffuse map) over black."""
     import trimesh
-
-    from lift3d.renderers.rasterize_ops import antialias, interpolate, rasterize
 
     tm = trimesh.load(str(obj_path), process=False, force="mesh")
     uv = getattr(tm.visual, "uv", None)

@@ -3,7 +3,7 @@
 The pipeline of the mesh exports of Magic3D (Lin et al. 2023) and Fantasia3D (Chen et al. 2023),
 as threestudio runs it: extract the surface of the trained field, unwrap it, and bake the
 material's texture channels (albedo always; roughness / metallic / a tangent-space normal map
-when available) by rasterizing the mesh in UV space (see :mod:`lift3d.exporters.uv`). A geometry
+when available) by rasterizing the mesh in UV space (see :mod:`lift3d.utils.uv`). A geometry
 that already has a UV texture (``uv_texture()``, e.g. DreamGaussian's refined mesh) is written with
 its own UVs and texels instead, with no unwrap or re-bake. A Gaussian geometry can additionally
 write its own splat PLY.
@@ -24,11 +24,11 @@ from torch import Tensor
 
 from lift3d.exporters.base import BaseExporter
 from lift3d.exporters.formats import TEXTURE_CHANNELS, write_glb, write_obj, write_ply
-from lift3d.exporters.uv import bake_texture, unwrap_uv
 from lift3d.renderers.volume import composite_weights
 from lift3d.registry import register
 from lift3d.utils.io import to_uint8
 from lift3d.utils.mesh import Mesh
+from lift3d.utils.uv import bake_texture, unwrap_uv
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ class BaseGeometry(BaseModule):
         radius: float = 1.0
         """Half-size of the bounding box [-radius, radius]^3 the geometry lives in."""
 
+
     def isosurface(self) -> Mesh:
         """The surface as a triangle mesh (for export and stage switches)."""
         raise NotImplementedError(f"{type(self).__name__} cannot extract a surface")

@@ -22,8 +22,8 @@ kernels are memory-bound and each Python-level op costs a few microseconds:
   packed into one complex row (``complex(f0, f1)``) for the lookup, so a single 1D
   ``index_select`` fetches both features of a corner and a single ``scatter_add_`` accumulates
   both gradients (complex addition is two independent real additions); this halves the random
-  accesses, the largest single cost (``scatter_add_`` with int64 rows measured faster than
-  ``index_add_``). Odd ``F``, low-precision tables and non-CPU devices use one real row per
+  accesses, the largest single cost (``scatter_add_`` with int64 rows, which beat ``index_add_``
+  on CPU). Odd ``F``, low-precision tables and non-CPU devices use one real row per
   channel;
 * interpolation is three ``lerp`` passes (z, then y, then x) on the gathered corners, viewed as
   real numbers with the two packed features interleaved (``[L, ..., 2n]``), instead of forming
@@ -322,8 +322,8 @@ class HashGridEncoding(nn.Module):
     ``chunk_size``.
     """
 
-    # Points x levels per chunk: measured best on a Xeon with 1.25 MiB of L2 per core (2048 points
-    # at 8 levels, 1024 at 16; half or double that measured up to 25% slower, 1 thread).
+    # Points x levels per chunk: sized so a chunk's work buffers stay in a core's L2 cache
+    # (bench/README.md has the sweep that chose it).
     CHUNK_LEVEL_POINTS = 16384
 
     def __init__(
@@ -494,25 +494,25 @@ def _check_keys(config: dict, allowed: set[str], what: str) -> None:
         raise ValueError(f"unknown {what} encoding key(s) {extra}; valid keys: {sorted(allowed)}")
 
 
-def get_encoding(n_input_dims: int, config: dict, implementation: str = "auto") -> nn.Module:
+def get_encoding(n_input_dims: int, config: dict, backend: str = "auto") -> nn.Module:
     """Build an encoding from a threestudio / tiny-cuda-nn style dict.
 
     ``otype``: ``HashGrid`` | ``ProgressiveBandHashGrid`` | ``Frequency`` |
-    ``ProgressiveBandFrequency``. ``implementation``: ``"torch"``, ``"tcnn"`` (error if
-    tiny-cuda-nn or CUDA is missing) or ``"auto"`` (tcnn when usable). Every returned module has
+    ``ProgressiveBandFrequency``. ``backend``: ``"torch"``, ``"tcnn"`` (error if tiny-cuda-nn or
+    CUDA is missing) or ``"auto"`` (tcnn when usable; frequency encodings are always torch). Every returned module has
     ``n_output_dims`` and an ``update_step(epoch, global_step)`` method.
     """
     config = dict(config)
     otype = config.get("otype", "HashGrid")
-    if implementation not in ("auto", "torch", "tcnn"):
-        raise ValueError(f"implementation must be 'auto', 'torch' or 'tcnn', got {implementation!r}")
+    if backend not in ("auto", "torch", "tcnn"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'tcnn', got {backend!r}")
     if otype in ("HashGrid", "ProgressiveBandHashGrid"):
         _check_keys(config, HASHGRID_KEYS, otype)
         if config.get("interpolation", "Linear") != "Linear":
             raise ValueError("only 'Linear' hash-grid interpolation is implemented")
         from lift3d.backends import tcnn_backend
 
-        use_tcnn = implementation == "tcnn" or (implementation == "auto" and tcnn_backend.available())
+        use_tcnn = backend == "tcnn" or (backend == "auto" and tcnn_backend.available())
         if use_tcnn:
             return tcnn_backend.make_encoding(n_input_dims, config)
         kw = {k: config[k] for k in ("n_levels", "n_features_per_level", "log2_hashmap_size", "base_resolution",

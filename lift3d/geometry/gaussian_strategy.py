@@ -26,6 +26,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lift3d.config import ConfigError
+from lift3d.utils.gaussian_math import quat_to_rotmat
+
 PARAM_NAMES = ("xyz", "features_dc", "features_rest", "scaling", "rotation", "opacity")
 
 STRATEGIES: dict[str, type] = {}
@@ -45,8 +48,6 @@ def build_strategy(cfg: Any) -> "NoStrategy":
     """The strategy named by ``cfg.strategy``, its fields taken from ``cfg`` where present."""
     name = cfg.strategy
     if name not in STRATEGIES:
-        from lift3d.config import ConfigError
-
         raise ConfigError(f"gaussian-splatting: unknown strategy {name!r}; valid: {', '.join(sorted(STRATEGIES))}")
     cls = STRATEGIES[name]
     kwargs = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.init and hasattr(cfg, f.name)}
@@ -231,7 +232,7 @@ class DefaultStrategy(NoStrategy):
         ns = self.split_n
         extra: dict[str, Tensor] = {}
         s_split = model.get_scaling[split]  # [S, 3]
-        rots = _rotmat(model.rotation[split])  # [S, 3, 3]
+        rots = quat_to_rotmat(model.rotation[split])  # [S, 3, 3]
         offs = torch.randn(ns, *s_split.shape, device=s_split.device) * s_split[None]  # [ns, S, 3]
         new_xyz = (rots[None] @ offs[..., None]).squeeze(-1) + model.xyz[split][None]
         for name in PARAM_NAMES:
@@ -280,12 +281,6 @@ class DefaultStrategy(NoStrategy):
         ceiling = torch.log(v / (1 - v))
         update_params(model, optimizer, lambda n, t: torch.minimum(t, ceiling), lambda n, s: torch.zeros_like(s),
                       names=("opacity",))
-
-
-def _rotmat(q: Tensor) -> Tensor:
-    from lift3d.geometry.gaussians import quat_to_rotmat
-
-    return quat_to_rotmat(q)
 
 
 __all__ = [

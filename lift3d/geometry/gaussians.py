@@ -27,98 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lift3d.config import ConfigError
+from lift3d.config import ConfigError, merge_dicts, to_yaml_data
 from lift3d.geometry.base import BaseGeometry, IsosurfaceError
 from lift3d.geometry.gaussian_strategy import PARAM_NAMES, build_strategy
+from lift3d.geometry.isosurface import (fill_cavities, fill_hidden, grid_points, marching_cubes_grid,
+                                        opacity_matched_level)
 from lift3d.registry import register
+from lift3d.utils.gaussian_math import covariance_3d, eval_sh, inverse_sigmoid, num_sh_bases, rgb_to_sh, sh_to_rgb
+from lift3d.utils.gaussian_ply import read_gaussian_ply, read_ply_vertices, write_gaussian_ply
 from lift3d.utils.mesh import Mesh
-
-# ---------------------------------------------------------------------------------------------
-# Gaussian math shared with the renderer
-
-SH_C0 = 0.28209479177387814
-SH_C1 = 0.4886025119029199
-SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
-SH_C3 = (
-    -0.5900435899266435,
-    2.890611442640554,
-    -0.4570457994644658,
-    0.3731763325901154,
-    -0.4570457994644658,
-    1.445305721320277,
-    -0.5900435899266435,
-)
-
-
-def num_sh_bases(degree: int) -> int:
-    """Coefficients per colour channel for SH up to ``degree`` (0..3)."""
-    return (degree + 1) ** 2
-
-
-def rgb_to_sh(rgb: Tensor) -> Tensor:
-    """Degree-0 coefficient giving colour ``rgb`` under the 3DGS convention ``rgb = 0.5 + C0 * dc``."""
-    return (rgb - 0.5) / SH_C0
-
-
-def sh_to_rgb(dc: Tensor) -> Tensor:
-    return dc * SH_C0 + 0.5
-
-
-def eval_sh(degree: int, sh: Tensor, dirs: Tensor) -> Tensor:
-    """Real spherical harmonics up to ``degree``: sh [..., K, C] (K >= (degree+1)^2), dirs [..., 3] unit -> [..., C]."""
-    out = SH_C0 * sh[..., 0, :]
-    if degree < 1:
-        return out
-    x, y, z = dirs[..., 0:1], dirs[..., 1:2], dirs[..., 2:3]
-    out = out - SH_C1 * y * sh[..., 1, :] + SH_C1 * z * sh[..., 2, :] - SH_C1 * x * sh[..., 3, :]
-    if degree < 2:
-        return out
-    xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
-    out = (
-        out
-        + SH_C2[0] * xy * sh[..., 4, :]
-        + SH_C2[1] * yz * sh[..., 5, :]
-        + SH_C2[2] * (2.0 * zz - xx - yy) * sh[..., 6, :]
-        + SH_C2[3] * xz * sh[..., 7, :]
-        + SH_C2[4] * (xx - yy) * sh[..., 8, :]
-    )
-    if degree < 3:
-        return out
-    return (
-        out
-        + SH_C3[0] * y * (3 * xx - yy) * sh[..., 9, :]
-        + SH_C3[1] * xy * z * sh[..., 10, :]
-        + SH_C3[2] * y * (4 * zz - xx - yy) * sh[..., 11, :]
-        + SH_C3[3] * z * (2 * zz - 3 * xx - 3 * yy) * sh[..., 12, :]
-        + SH_C3[4] * x * (4 * zz - xx - yy) * sh[..., 13, :]
-        + SH_C3[5] * z * (xx - yy) * sh[..., 14, :]
-        + SH_C3[6] * x * (xx - 3 * yy) * sh[..., 15, :]
-    )
-
-
-def quat_to_rotmat(q: Tensor) -> Tensor:
-    """Quaternions [..., 4] (w, x, y, z; need not be unit) -> rotation matrices [..., 3, 3]."""
-    q = F.normalize(q, dim=-1)
-    w, x, y, z = q.unbind(-1)
-    return torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(*q.shape[:-1], 3, 3)
-
-
-def covariance_3d(quats: Tensor, scales: Tensor) -> Tensor:
-    """Sigma = R S S^T R^T: quats [N, 4] (wxyz), scales [N, 3] (activated, > 0) -> [N, 3, 3]."""
-    M = quat_to_rotmat(quats) * scales[..., None, :]  # R @ diag(s)
-    return M @ M.transpose(-1, -2)
-
-
-def inverse_sigmoid(x: Tensor) -> Tensor:
-    return torch.log(x / (1 - x))
-
 
 # ---------------------------------------------------------------------------------------------
 # Blockwise sums over nearby Gaussians (isosurface density, export colours)
@@ -247,7 +164,7 @@ class GaussianModel(BaseGeometry):
         """Make space that renders hidden solid before marching cubes: enclosed pockets, and points that every axis
         direction sees only through 50% opacity (``fill_hidden``). SDS leaves a patchy shell of faint Gaussians
         whose density dips below any level between them although it renders opaque; unfilled, its isosurface is
-        a sponge ("a red cube" on dreamgaussian: IoU 0.10 unfilled, 0.64 filled)."""
+        a sponge (bench/README.md)."""
 
     cfg: Config
 
@@ -425,8 +342,6 @@ class GaussianModel(BaseGeometry):
                 mesh.extras["v_rgb"] = other.export_attributes(mesh.v_pos)["features"][:, :3].clamp(0, 1)
             except NotImplementedError:
                 pass
-        from lift3d.config import merge_dicts, to_yaml_data
-
         base = to_yaml_data(cfg) if cfg is not None and not isinstance(cfg, dict) else (cfg or {})
         return cls(merge_dicts(base, {"init": "mesh"}), init_mesh=mesh, **kwargs)
 
@@ -470,8 +385,6 @@ class GaussianModel(BaseGeometry):
         thr = self.cfg.density_thresh
         if thr != "auto":
             return float(thr)
-        from lift3d.geometry.isosurface import opacity_matched_level
-
         if dens is None or extinction is None:
             raise ValueError("gaussian-splatting: density_thresh 'auto' needs the density grids that isosurface() samples")
         return opacity_matched_level(dens, extinction, self.cfg.radius)
@@ -490,25 +403,11 @@ class GaussianModel(BaseGeometry):
         with ``tau_i = -ln(1 - o_i)`` and ``s_i`` the geometric mean of the scales: a ray through
         a Gaussian's centre gets the optical depth that splatting gives it (exactly for isotropic
         Gaussians), and the field comes in the same pass as the density. (With ``o_i`` in place of
-        ``tau_i``, the small-alpha limit, opaque Gaussians look too thin and the level lands deeper:
-        mean IoU 0.88 instead of 0.92 on the prompts below.)
-        The former rule (half the median density at the centres of opaque Gaussians) was pulled
-        deep by dense inner clusters. Measured on ``configs/tiny/reference-gaussians.yaml`` (400
-        steps, one seed; IoU against the toy-world SDF, 64^3 over [-0.6, 0.6]^3; extraction at
-        96^3; levels in brackets):
-
-        =============  ===========  ===========  ==========  ==========
-        prompt         old auto     auto         0.5 (hand)  0.3
-        =============  ===========  ===========  ==========  ==========
-        a red cube     0.71 (1.16)  0.96 (0.27)  0.91        0.95
-        a snowman      0.63 (1.99)  0.95 (0.34)  0.97        0.93
-        a green torus  0.59 (1.52)  0.93 (0.25)  0.93        0.95
-        a mug          0.77 (1.17)  0.95 (0.34)  0.93        0.94
-        a chair        0.60 (1.18)  0.81 (0.20)  0.81        0.86
-        =============  ===========  ===========  ==========  ==========
+        ``tau_i``, the small-alpha limit, opaque Gaussians look too thin and the level lands deeper.)
+        A level read off the Gaussians themselves, such as half the median density at the centres
+        of opaque ones, is pulled deep by dense inner clusters. bench/README.md compares the rules
+        per prompt.
         """
-        from lift3d.geometry.isosurface import fill_cavities, fill_hidden, grid_points, marching_cubes_grid
-
         R, radius = self.cfg.isosurface_resolution, self.cfg.radius
         pts = grid_points(R, radius, device=self.xyz.device).reshape(-1, 3)
         dens, ext = self._density_and_extinction(pts)
@@ -551,8 +450,6 @@ class GaussianModel(BaseGeometry):
 
     def export_ply(self, path: str | Path) -> None:
         """Write the standard 3DGS PLY (binary little endian) that Gaussian viewers read."""
-        from lift3d.exporters.gaussian_ply import write_gaussian_ply
-
         with torch.no_grad():
             write_gaussian_ply(
                 path,
@@ -566,8 +463,6 @@ class GaussianModel(BaseGeometry):
 
     def load_ply(self, path: str | Path) -> None:
         """Read a 3DGS PLY (all parameters) or a plain point cloud PLY (x, y, z and optional red/green/blue)."""
-        from lift3d.exporters.gaussian_ply import read_gaussian_ply, read_ply_vertices
-
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"gaussian-splatting: init PLY {path} does not exist")
@@ -618,15 +513,4 @@ def _nearest(queries: Tensor, points: Tensor, chunk: int = 4096) -> Tensor:
     return out
 
 
-__all__ = [
-    "GaussianModel",
-    "eval_sh",
-    "rgb_to_sh",
-    "sh_to_rgb",
-    "quat_to_rotmat",
-    "covariance_3d",
-    "inverse_sigmoid",
-    "gaussian_field_sum",
-    "knn_mean_distance",
-    "num_sh_bases",
-]
+__all__ = ["GaussianModel", "gaussian_field_sum", "knn_mean_distance"]

@@ -13,7 +13,7 @@ isosurface plumbing); ``implicit_sdf`` builds on it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +100,12 @@ class HashGridField(BaseImplicitGeometry):
         """Grid resolution of marching cubes in ``isosurface()``."""
         isosurface_threshold: float | str = "auto"
         """Level of the extracted surface, or ``"auto"`` (chosen from the sampled field; see the class)."""
-        implementation: Literal["auto", "torch", "tcnn"] = "auto"
-        """``torch`` everywhere; ``tcnn`` uses tiny-cuda-nn (CUDA only); ``auto`` picks tcnn when usable."""
+        backend: Literal["auto", "torch", "tcnn"] = "auto"
+        """Encoding and MLPs: ``torch`` everywhere; ``tcnn`` uses tiny-cuda-nn (CUDA only); ``auto`` picks tcnn
+        when usable."""
+
+        # Old key names: the config check reports what they are called now.
+        renamed_keys: ClassVar[dict[str, str]] = {"implementation": "backend"}
 
     cfg: Config
 
@@ -110,13 +114,13 @@ class HashGridField(BaseImplicitGeometry):
         user = self.cfg.pos_encoding_config
         hashed = "HashGrid" in user.get("otype", "HashGrid")
         enc_cfg = merge_dicts(DEFAULT_POS_ENCODING, user) if hashed else dict(user)
-        self.encoding = get_encoding(3, enc_cfg, self.cfg.implementation)
+        self.encoding = get_encoding(3, enc_cfg, self.cfg.backend)
         mlp_cfg = merge_dicts(DEFAULT_MLP, self.cfg.mlp_network_config)
         n_enc = self.encoding.n_output_dims
-        self.density_network = get_mlp(n_enc, 1, mlp_cfg, self.cfg.implementation)
-        self.feature_network = get_mlp(n_enc, self.cfg.n_feature_dims, mlp_cfg, self.cfg.implementation)
+        self.density_network = get_mlp(n_enc, 1, mlp_cfg, self.cfg.backend)
+        self.feature_network = get_mlp(n_enc, self.cfg.n_feature_dims, mlp_cfg, self.cfg.backend)
         if self.cfg.normal_type == "pred":
-            self.normal_network = get_mlp(n_enc, 3, mlp_cfg, self.cfg.implementation)
+            self.normal_network = get_mlp(n_enc, 3, mlp_cfg, self.cfg.backend)
 
     # -- to be provided by subclasses ---------------------------------------------------------
     def _field_from_raw(self, raw: Tensor, points: Tensor) -> Tensor:
@@ -221,29 +225,14 @@ class ImplicitVolume(HashGridField):
     renders: seen along orthographic rays from 20 directions, where the opacity
     ``1 - exp(-int density)`` reaches 50% (see
     :func:`lift3d.geometry.isosurface.opacity_matched_level`). It lies strictly inside the field's
-    range, so the surface is never empty. The former rule, the mean density, is dominated by the
-    few very dense spots a trained NeRF has (peaks of ~4000 over a surface of ~20) and can land
-    deep inside. Measured on ``configs/tiny/reference.yaml`` (600 steps, one seed; IoU against the
-    toy-world SDF, 64^3 over [-0.6, 0.6]^3; extraction at 96^3; levels in brackets; the mean
-    rule with the former flood-fill-only extraction):
-
-    =============  ===========  =========  ==========  ==========
-    prompt         mean (old)   auto       1.0 (hand)  20 (fixed)
-    =============  ===========  =========  ==========  ==========
-    a red cube     0.62 (28)    0.87 (19)  0.93        0.87
-    a snowman      0.94 (120)   0.95 (14)  0.89        0.96
-    a green torus  0.96 (81)    0.96 (18)  0.89        0.96
-    =============  ===========  =========  ==========  ==========
-
-    The cube's NeRF renders its faces ~0.03 behind the true ones (flat, evenly lit faces at 32 px
-    do not pin their depth), so its rendered surface is too small and only the low-density skirt
-    in front reaches the truth; on the rounded objects that skirt is too wide instead.
+    range, so the surface is never empty. The mean density is not used: a trained NeRF has a few
+    very dense spots that dominate it, and the level lands deep inside. bench/README.md compares
+    the rules per prompt.
 
     ``isosurface()`` fills interiors before marching cubes: enclosed pockets
     (:func:`~lift3d.geometry.isosurface.fill_cavities`) and points hidden behind the inside from
     every axis direction (:func:`~lift3d.geometry.isosurface.fill_hidden`), which keeps a hollow
-    NeRF solid when its shell leaks at the chosen level (the cube at level 19: IoU 0.67 with the
-    first alone, 0.87 with both).
+    NeRF solid when its shell leaks at the chosen level; pocket filling alone does not.
     """
 
     @dataclass

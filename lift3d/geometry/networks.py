@@ -2,7 +2,7 @@
 
 The torch ``VanillaMLP`` follows tiny-cuda-nn's ``FullyFusedMLP`` semantics (hidden layers of equal
 width, no biases, ReLU) so configs move between the two; tiny-cuda-nn is used only when
-``implementation`` allows it and a CUDA device is present (``lift3d.backends.tcnn_backend``).
+``backend`` allows it and a CUDA device is present (``lift3d.backends.tcnn_backend``).
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ class VanillaMLP(nn.Module):
         return self.output_activation(self.layers[-1](x))
 
 
-def get_mlp(dim_in: int, dim_out: int, config: dict, implementation: str = "auto") -> nn.Module:
+def get_mlp(dim_in: int, dim_out: int, config: dict, backend: str = "auto") -> nn.Module:
     """An MLP from a threestudio / tiny-cuda-nn style dict.
 
     Keys: ``otype`` (``VanillaMLP`` or ``FullyFusedMLP``; both give the torch MLP unless tcnn is
     used), ``activation``, ``output_activation``, ``n_neurons``, ``n_hidden_layers``, ``bias``
-    (torch only). ``implementation``: ``"auto"`` | ``"torch"`` | ``"tcnn"``.
+    (torch only). ``backend``: ``"auto"`` (tcnn when usable and no bias is asked for) | ``"torch"`` | ``"tcnn"``.
     """
     config = dict(config)
     extra = sorted(set(config) - MLP_KEYS)
@@ -64,11 +64,11 @@ def get_mlp(dim_in: int, dim_out: int, config: dict, implementation: str = "auto
     otype = config.get("otype", "VanillaMLP")
     if otype not in ("VanillaMLP", "FullyFusedMLP", "CutlassMLP"):
         raise ValueError(f"unknown MLP otype {otype!r}; valid: VanillaMLP, FullyFusedMLP, CutlassMLP")
-    if implementation not in ("auto", "torch", "tcnn"):
-        raise ValueError(f"implementation must be 'auto', 'torch' or 'tcnn', got {implementation!r}")
+    if backend not in ("auto", "torch", "tcnn"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'tcnn', got {backend!r}")
     from lift3d.backends import tcnn_backend
 
-    if implementation == "tcnn" or (implementation == "auto" and tcnn_backend.available() and not config.get("bias")):
+    if backend == "tcnn" or (backend == "auto" and tcnn_backend.available() and not config.get("bias")):
         return tcnn_backend.make_network(dim_in, dim_out, config)
     return VanillaMLP(
         dim_in,

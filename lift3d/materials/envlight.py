@@ -357,7 +357,8 @@ def env_brdf(n_dot_v: Float[Tensor, "N 1"], roughness: Float[Tensor, "N 1"]) -> 
 # The light
 
 
-# (source key, height, n_levels, irradiance height) -> CPU maps; prefiltering a 64-row map takes ~1 s.
+# (source key, height, n_levels, irradiance height) -> CPU maps: prefiltering is a convolution over
+# the whole map per level, too slow to repeat for every material built on the same environment.
 _PREFILTER_CACHE: dict[tuple, list[Tensor]] = {}
 
 

@@ -23,6 +23,7 @@ class BaseRenderer(BaseModule):
     class Config:
         pass
 
+
     def configure(self, geometry: Any = None, material: Any = None, background: Any = None, **kwargs: Any) -> None:
         super().configure(**kwargs)
         # Held without registering as submodules: the system owns them (and their optimizer groups).

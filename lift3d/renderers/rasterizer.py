@@ -2,7 +2,7 @@
 
 The deferred-shading pipeline of Magic3D's fine stage and Fantasia3D (Lin et al., 2023,
 "Magic3D: High-Resolution Text-to-3D Content Creation"; Chen et al., 2023, "Fantasia3D"), built on
-the primitives of ``rasterize_ops`` (nvdiffrast's design, Laine et al., 2020): the mesh comes from
+the primitives of :mod:`lift3d.utils.rasterize_ops` (nvdiffrast's design, Laine et al., 2020): the mesh comes from
 ``geometry.isosurface()`` (differentiable for DMTet), features are queried from the geometry at the
 interpolated world position of every covered pixel, the material turns them into colour, and
 ``antialias`` makes silhouettes carry gradients to the vertices.
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lift3d.registry import register
-from lift3d.renderers import rasterize_ops as ops
 from lift3d.renderers.base import BaseRenderer
+from lift3d.utils import rasterize_ops as ops
 from lift3d.utils.mesh import Mesh
 
 

@@ -39,10 +39,10 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from lift3d.config import ConfigError
-from lift3d.geometry.gaussians import covariance_3d
 from lift3d.registry import register
 from lift3d.renderers.base import BaseRenderer
 from lift3d.utils.cameras import focal_from_fovy, get_rays
+from lift3d.utils.gaussian_math import covariance_3d
 
 # ---------------------------------------------------------------------------------------------
 # Projection

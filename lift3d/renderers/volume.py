@@ -15,7 +15,7 @@ runs, so the network only sees occupied space; compositing is dense over ``[n_ra
 (pruned samples have zero density), which is cheap next to the field. With ``early_stop_eps`` the
 samples behind an opaque surface go too: one gradient-free density pass gives each sample's
 transmittance, and those below the threshold are dropped before the full pass (normals, features,
-backward). CUDA path (rays on CUDA, nerfacc importable, ``implementation`` not ``torch``): nerfacc's
+backward). CUDA path (rays on CUDA, nerfacc importable, ``backend`` not ``torch``): nerfacc's
 ``OccGridEstimator`` marches the rays with the same step (and the same early stop) and the packed
 CUDA scan composites.
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -134,8 +134,12 @@ class NeRFVolumeRenderer(BaseRenderer):
         """Also return ``normal_perturb``: normals at points jittered by ``normal_perturb_std``."""
         normal_perturb_std: float = 0.01
         """Std of the jitter of ``normal_perturb``, in world units."""
-        implementation: Literal["auto", "torch", "nerfacc"] = "auto"
-        """``auto``: nerfacc's CUDA marching for CUDA rays when nerfacc imports, torch otherwise."""
+        backend: Literal["auto", "torch", "nerfacc"] = "auto"
+        """``auto``: nerfacc's CUDA marching for CUDA rays when nerfacc imports, torch otherwise; ``torch``
+        always; ``nerfacc`` insists (an error without it or off CUDA)."""
+
+        # Old key names: the config check reports what they are called now.
+        renamed_keys: ClassVar[dict[str, str]] = {"implementation": "backend"}
 
     cfg: Config
 
@@ -166,10 +170,10 @@ class NeRFVolumeRenderer(BaseRenderer):
         return diag / self.cfg.num_samples_per_ray
 
     def _use_nerfacc(self, device: torch.device) -> bool:
-        if self.cfg.implementation == "torch" or device.type != "cuda":
+        if self.cfg.backend == "torch" or device.type != "cuda":
             return False
-        if self.cfg.implementation == "nerfacc" and not nerfacc_backend.available():
-            raise RuntimeError("implementation 'nerfacc' needs nerfacc and CUDA; use implementation: torch")
+        if self.cfg.backend == "nerfacc" and not nerfacc_backend.available():
+            raise RuntimeError("nerf-volume-renderer: backend 'nerfacc' needs nerfacc and CUDA; use backend: torch")
         return nerfacc_backend.available()
 
     def _estimator_for(self, device: torch.device) -> Any:

@@ -263,7 +263,9 @@ def test_ref_camera_matches_make_cameras(cube_png):
     ref = _dm(cube_png, ref_height=12, ref_width=16, **cam).ref_batch(0)
     t = lambda v: torch.tensor([v])  # noqa: E731
     want = make_cameras(t(10.0), t(-30.0), t(2.5), t(35.0), 12, 16)
-    assert set(ref) == set(want) | {"rgb", "mask", "background_color"}
+    assert set(ref) == set(want) | {"rgb", "mask", "background_color", "shading"}
+    assert ref["shading"] == "diffuse"  # a shaded photo: no random albedo passes on the reference view
+    assert "shading" not in _dm(cube_png, ref_shading=None, **cam).ref_batch(0)
     for k, v in want.items():
         assert torch.equal(ref[k], v) if torch.is_tensor(v) else ref[k] == v, k
     assert torch.equal(ref["light_positions"], ref["camera_positions"])

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 import trimesh
 from PIL import Image
 
-pytest.importorskip("lift3d.renderers.rasterize_ops")
+pytest.importorskip("lift3d.utils.rasterize_ops")
 
 from lift3d.config import ConfigError  # noqa: E402
 from lift3d.exporters.mesh_exporter import MeshExporter  # noqa: E402
-from lift3d.exporters.uv import bake_texture, dilate_texture, to_tangent_space, unwrap_uv  # noqa: E402
+from lift3d.utils.uv import bake_texture, dilate_texture, to_tangent_space, unwrap_uv  # noqa: E402
 from lift3d.geometry.base import BaseGeometry, IsosurfaceError  # noqa: E402
 from lift3d.materials.base import BaseMaterial  # noqa: E402
 from lift3d.registry import category_of  # noqa: E402
-from lift3d.renderers.rasterize_ops import interpolate, rasterize  # noqa: E402
+from lift3d.utils.rasterize_ops import interpolate, rasterize  # noqa: E402
 from lift3d.utils.cameras import make_cameras  # noqa: E402
 from lift3d.utils.mesh import Mesh  # noqa: E402
 from glb_reader import glb_accessor, glb_image, read_glb
@@ -118,7 +118,7 @@ def test_unwrap_keeps_positions_and_gives_valid_uvs():
 def test_unwrap_survives_one_xatlas_crash(tmp_path, monkeypatch):
     """xatlas segfaults on some meshes; the unwrap runs it in a child process and retries once on
     jittered positions, while the output keeps the exact input positions."""
-    import lift3d.exporters.uv as uv_mod
+    import lift3d.utils.uv as uv_mod
 
     marker = tmp_path / "crashed-once"
     crash_first = (

@@ -90,7 +90,7 @@ def shell_density(points):
 
 
 def shell_volume(**cfg):
-    base = {"radius": 0.8, "isosurface_resolution": 48, "implementation": "torch",
+    base = {"radius": 0.8, "isosurface_resolution": 48, "backend": "torch",
             "pos_encoding_config": {"n_levels": 2, "log2_hashmap_size": 8, "base_resolution": 4}}
     base.update(cfg)
     geo = find("implicit-volume")(base)

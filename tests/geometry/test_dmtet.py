@@ -13,8 +13,8 @@ from lift3d.geometry.tetrahedra_sdf_grid import mesh_inside_grid
 from lift3d.geometry.tets import marching_tets, tet_grid
 from lift3d.materials.base import BaseMaterial
 from lift3d.registry import find
-from lift3d.renderers.rasterize_ops import rasterize
 from lift3d.utils.cameras import make_cameras
+from lift3d.utils.rasterize_ops import rasterize
 
 
 
@@ -241,6 +241,18 @@ def test_feature_field_can_use_shared_encoding_and_follows_the_step():
         loss.backward()
         opt.step()
     assert loss.item() < 0.2 * loss0
+
+
+def test_feature_field_backend_switch():
+    from lift3d.backends import tcnn_backend
+    from lift3d.geometry.encodings import HashGridEncoding
+
+    enc = {"otype": "HashGrid", "n_levels": 2, "log2_hashmap_size": 8, "base_resolution": 4}
+    geo = _dmtet(isosurface_resolution=4, pos_encoding_config=enc, backend="torch")
+    assert isinstance(geo.feature_field.encoding, HashGridEncoding)
+    if not tcnn_backend.available():
+        with pytest.raises(RuntimeError, match="backend 'tcnn' was asked for"):
+            _dmtet(isosurface_resolution=4, pos_encoding_config=enc, backend="tcnn")
 
 
 def test_surface_cube_culling_matches_full_marching_tets():

@@ -140,7 +140,7 @@ def test_hashgrid_input_gradient_supports_double_backward():
 def test_progressive_band_masks_fine_levels():
     enc = get_encoding(3, {"otype": "ProgressiveBandHashGrid", "n_levels": 4, "n_features_per_level": 2,
                            "log2_hashmap_size": 10, "base_resolution": 4, "per_level_scale": 1.5,
-                           "start_level": 2, "start_step": 10, "update_steps": 5}, implementation="torch")
+                           "start_level": 2, "start_step": 10, "update_steps": 5}, backend="torch")
     with torch.no_grad():
         enc.embeddings.uniform_(-1, 1)
     x = torch.rand(50, 3)
@@ -185,8 +185,8 @@ def test_get_encoding_rejects_unknown_keys_and_types():
 def test_tcnn_encoding_matches_torch_interface_and_trains():
     cfg = {"otype": "HashGrid", "n_levels": 8, "n_features_per_level": 2, "log2_hashmap_size": 15,
            "base_resolution": 16, "per_level_scale": 1.447269237440378}
-    t_enc = get_encoding(3, cfg, implementation="tcnn").cuda()
-    r_enc = get_encoding(3, cfg, implementation="torch").cuda()
+    t_enc = get_encoding(3, cfg, backend="tcnn").cuda()
+    r_enc = get_encoding(3, cfg, backend="torch").cuda()
     x = torch.rand(4096, 3, device="cuda")
     assert t_enc(x).shape == r_enc(x).shape
     # Both fit the same smooth target equally well (table layouts differ, so values cannot match).

@@ -9,10 +9,11 @@ import torch
 
 from lift3d.config import ConfigError
 from lift3d.geometry.gaussian_strategy import DefaultStrategy, PARAM_NAMES
-from lift3d.geometry.gaussians import GaussianModel, eval_sh, rgb_to_sh, sh_to_rgb
+from lift3d.geometry.gaussians import GaussianModel
 from lift3d.registry import _REGISTRY, category_of
 from lift3d.renderers.splatting import GaussianSplattingRenderer
 from lift3d.utils.cameras import make_cameras
+from lift3d.utils.gaussian_math import eval_sh, rgb_to_sh, sh_to_rgb
 from lift3d.utils.mesh import Mesh
 
 

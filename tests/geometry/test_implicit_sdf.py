@@ -11,7 +11,7 @@ from lift3d.registry import find
 
 
 SMALL = {"pos_encoding_config": {"n_levels": 6, "log2_hashmap_size": 12, "base_resolution": 8},
-         "implementation": "torch"}
+         "backend": "torch"}
 
 
 def make(**over):

@@ -15,7 +15,7 @@ from lift3d.registry import find
 
 
 SMALL = {"pos_encoding_config": {"n_levels": 6, "log2_hashmap_size": 12, "base_resolution": 8},
-         "implementation": "torch"}
+         "backend": "torch"}
 
 
 def make(**over):
@@ -25,7 +25,7 @@ def make(**over):
 
 
 def test_defaults_and_parameter_groups():
-    g = find("implicit-volume")({"implementation": "torch"})
+    g = find("implicit-volume")({"backend": "torch"})
     enc = g.encoding
     assert (enc.n_levels, enc.n_features_per_level, enc.log2_hashmap_size) == (16, 2, 19)
     assert g.cfg.density_activation == "shifted_trunc_exp" and g.cfg.density_bias == "blob_magic3d"
@@ -41,6 +41,15 @@ def test_config_errors_name_the_key():
         find("implicit-volume")({"density_bais": 1.0})
     with pytest.raises(ValueError, match="density_bias"):
         find("implicit-volume")({**SMALL, "density_bias": "blob"})
+
+
+@pytest.mark.parametrize("name", ["implicit-volume", "implicit-sdf"])
+def test_old_implementation_key_says_it_is_now_backend(name):
+    with pytest.raises(ConfigError, match=r"'geometry\.implementation'.* renamed to 'backend'; write 'backend: torch' "
+                                          r"\(one of 'auto', 'torch', 'tcnn'\)"):
+        find(name)({"implementation": "torch"}, cfg_key="geometry")
+    with pytest.raises(ConfigError, match=r"expected one of 'auto', 'torch', 'tcnn'"):
+        find(name)({"backend": "cuda"})
 
 
 @pytest.mark.parametrize("bias", ["blob_magic3d", "blob_dreamfusion", 2.0])

@@ -138,7 +138,7 @@ def test_create_from_gaussians_bakes_a_uv_texture():
 def test_create_from_nerf_keeps_surface_and_colours(texture):
     torch.manual_seed(0)
     nerf = find("implicit-volume")({"radius": 0.8, "isosurface_resolution": 32, "isosurface_threshold": 1.0,
-                                    "density_blob_scale": 6.0, "density_blob_std": 0.4, "implementation": "torch",
+                                    "density_blob_scale": 6.0, "density_blob_std": 0.4, "backend": "torch",
                                     "pos_encoding_config": {"n_levels": 4, "log2_hashmap_size": 10}})
     colours = lambda p: {"features": torch.where(p[:, :1] > 0, torch.tensor([0.9, 0.1, 0.1]),  # noqa: E731
                                                  torch.tensor([0.1, 0.1, 0.9]))}

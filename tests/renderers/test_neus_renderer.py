@@ -282,7 +282,7 @@ def tiny_sdf(**over):
         "mlp_network_config": {"n_neurons": 32, "n_hidden_layers": 1},
         "sdf_bias": "sphere",
         "sdf_bias_params": 0.5,
-        "implementation": "torch",
+        "backend": "torch",
     }
     cfg.update(over)
     return find("implicit-sdf")(cfg)

@@ -241,6 +241,14 @@ def test_sdf_geometry_is_rejected_with_a_clear_error():
         r(**cams([0.0], res=4))
 
 
+def test_old_implementation_key_says_it_is_now_backend():
+    from lift3d.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'implementation' for nerf-volume-renderer was renamed to 'backend'; "
+                                          r"write 'backend: nerfacc' \(one of 'auto', 'torch', 'nerfacc'\)"):
+        make_renderer(ColouredBall(), implementation="nerfacc")
+
+
 def test_training_jitter_changes_samples_but_not_expectation():
     geo = ColouredBall()
     r = make_renderer(geo, num_samples_per_ray=64, randomized=True)
@@ -282,7 +290,7 @@ def test_implicit_volume_fits_multiview_renders():
             "mlp_network_config": {"n_neurons": 32, "n_hidden_layers": 1},
             "density_bias": "blob_magic3d",
             "density_blob_scale": 5.0,
-            "implementation": "torch",
+            "backend": "torch",
         }
     )
     r = make_renderer(geo, num_samples_per_ray=32, randomized=True, grid_prune=True, grid_resolution=24,
@@ -327,8 +335,8 @@ def test_nerfacc_cuda_path_matches_torch_path(early_stop_eps):
     geo = ColouredBall().cuda()
     c = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in cams([30.0, 150.0], res=24).items()}
     outs = []
-    for impl in ("torch", "nerfacc"):
-        r = make_renderer(geo, num_samples_per_ray=256, grid_prune=True, implementation=impl,
+    for backend in ("torch", "nerfacc"):
+        r = make_renderer(geo, num_samples_per_ray=256, grid_prune=True, backend=backend,
                           early_stop_eps=early_stop_eps).cuda()
         r.eval()
         for step in range(0, 64, 16):

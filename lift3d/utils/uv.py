@@ -12,6 +12,9 @@ placed at clip (2u - 1, 2v - 1); so rasterized row i holds v = (i + 0.5) / H, ro
 OBJ (and trimesh) put v = 0 on the bottom row of the image, so :func:`bake_texture` returns
 images flipped vertically: row 0 is the top of the picture (v = 1), ready to save as PNG and to
 use with the UVs unchanged. glTF's top-left origin is handled by the GLB writer (``1 - v``).
+
+Both the exporter and the fixed-mesh geometry (``texture: uv``, baked at a stage switch) unwrap
+and bake, so this lives in ``utils``, next to the rasterization primitives it draws with.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from jaxtyping import Bool, Float, Integer
 from torch import Tensor
 
 from lift3d.utils.mesh import Mesh
+from lift3d.utils.rasterize_ops import interpolate, rasterize
 
 __all__ = ["unwrap_uv", "bake_texture", "dilate_texture", "to_tangent_space", "welded_vertex_normals"]
 
@@ -153,8 +157,6 @@ def rasterize_uv(mesh: Mesh, size: int) -> tuple[Tensor, Tensor, Tensor]:
     ``t_pos_idx`` and UVs indexed by ``t_tex_idx`` can both be interpolated with one index
     buffer. Rows are in rasterizer order (row 0 at v = 0).
     """
-    from lift3d.renderers.rasterize_ops import rasterize
-
     if mesh.v_tex is None or mesh.t_tex_idx is None:
         raise ValueError("bake_texture needs a mesh with UVs (v_tex, t_tex_idx); call unwrap_uv first")
     dev = mesh.v_pos.device
@@ -230,8 +232,6 @@ def bake_texture(
         OBJ UV convention), plus ``mask`` [size, size, 1] bool: texels covered by a triangle
         before padding. Texels neither covered nor padded hold the channel's mean value.
     """
-    from lift3d.renderers.rasterize_ops import interpolate
-
     rast, tri, _ = rasterize_uv(mesh, size)
     rast = rast[0]  # [S, S, 4]
     mask = rast[..., 3] > 0  # [S, S]

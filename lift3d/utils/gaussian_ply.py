@@ -9,7 +9,8 @@ what Gaussian viewers (SIBR, SuperSplat, antimatter15/splat, ...) expect. Coordi
 in our world frame (+z up), unchanged.
 
 :func:`read_ply_vertices` also reads plain point-cloud PLYs (ascii or binary, any scalar types) so
-the geometry can be initialised from them.
+the geometry can be initialised from them. The geometry reads and writes this format itself
+(``init: ply:PATH``, ``export_ply``), so it sits in ``utils`` rather than with the exporters.
 """
 
 from __future__ import annotations

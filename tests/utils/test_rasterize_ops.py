@@ -9,7 +9,7 @@ import torch
 import trimesh
 
 from lift3d.backends import nvdiffrast_backend
-from lift3d.renderers.rasterize_ops import antialias, interpolate, rasterize, texture
+from lift3d.utils.rasterize_ops import antialias, interpolate, rasterize, texture
 from lift3d.utils.cameras import make_cameras
 
 
@@ -100,7 +100,7 @@ def test_depth_test_keeps_nearest_triangle_regardless_of_order():
 
 
 def test_batch_and_chunking_agree(monkeypatch):
-    import lift3d.renderers.rasterize_ops as ops
+    import lift3d.utils.rasterize_ops as ops
 
     cams = make_cameras(torch.tensor([10.0, 40.0, -20.0]), torch.tensor([0.0, 120.0, 240.0]),
                         torch.full((3,), 2.2), torch.full((3,), 40.0), 24, 24)

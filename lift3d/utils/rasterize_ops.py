@@ -23,6 +23,10 @@ not differentiable: barycentrics and depth of each pixel's winner are then recom
 ``pos`` with autograd, so gradients flow from ``rast`` (and ``interpolate``) to vertex positions.
 ``antialias`` then moves colour across silhouette edges by the edge's sub-pixel position, which
 carries gradients of coverage to the vertices, as nvdiffrast's analytic antialiasing does.
+
+These are primitives, not a renderer: the mesh renderer, UV baking (:mod:`lift3d.utils.uv`), the
+fixed-mesh geometry's texture lookup and the export fidelity check all draw with them, so they sit
+in ``utils``, below geometry, renderers and exporters alike.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lift3d.exporters.gaussian_ply import gaussian_ply_fields, read_gaussian_ply, read_ply_vertices, write_gaussian_ply
 from lift3d.geometry.gaussian_strategy import PARAM_NAMES
 from lift3d.geometry.gaussians import GaussianModel
+from lift3d.utils.gaussian_ply import gaussian_ply_fields, read_gaussian_ply, read_ply_vertices, write_gaussian_ply
 
 
 def _random(n, k, seed=0):
