@@ -144,15 +144,75 @@ def guided_eps(e_cond: Tensor, e_uncond: Tensor, scale: float, negatives: list[T
 # The SDS guidance
 
 
-class SDSGuidance(BaseGuidance):
-    """Score distillation sampling against the adapter :meth:`build_prior` returns; ``loss_sds``."""
-
-    loss_name = "sds"
+class DiffusionGuidance(BaseGuidance):
+    """A guidance that scores renders with a frozen diffusion prior (the adapter :meth:`build_prior`
+    returns); holds the prior outside the module tree so it never reaches an optimizer or checkpoint."""
 
     @dataclass
     class Config(BaseGuidance.Config):
         guidance_scale: Scheduled = 7.5
         """Classifier-free guidance scale."""
+        image: Literal["rgb", "normal", "latents"] = "rgb"
+        """What the prior scores: the render, its normal map (Fantasia3D's geometry stage), or the
+        renderer's latents (a latent-space field)."""
+        view_dependent_prompting: bool = True
+        """Condition each view on its view-dependent prompt when the prompt processor makes them."""
+
+    cfg: Config
+    #: The prior family (toyworld, stable-diffusion, ...): tests pick a tiny model of it by this name.
+    prior_family: str = ""
+
+    @classmethod
+    def requires(cls, cfg: Any) -> frozenset[str]:
+        return frozenset({"normals"} if cfg.image == "normal" else set())
+
+    @classmethod
+    def missing_weights(cls, cfg: Any) -> str | None:
+        """Why the weights ``cfg`` names cannot be loaded here (None when they can), without loading them."""
+        return None
+
+    def build_prior(self) -> DiffusionPrior:
+        """The frozen adapter this guidance scores with (subclasses load their weights here)."""
+        raise NotImplementedError
+
+    def configure(self) -> None:
+        prior = self.build_prior()
+        prior.requires_grad_(False).eval()
+        # Frozen and not a submodule: it stays out of the system's optimizer and of checkpoints.
+        self.__dict__["prior"] = prior
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "DiffusionGuidance":
+        self.prior._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self.prior.alphas_cumprod
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.prior.num_train_timesteps
+
+    def scored_image(self, inp: GuidanceInput) -> Tensor:
+        """The renders in the prior's space [B, C, h, w] (differentiable)."""
+        what = self.cfg.image
+        if what == "latents":
+            if inp.latents is None:
+                raise ValueError(f"{self.name()} image: latents needs a renderer that returns comp_latents")
+            return inp.latents.permute(0, 3, 1, 2)
+        img = inp.normal if what == "normal" else inp.rgb
+        if img is None:
+            raise ValueError(f"{self.name()} image: {what} got no {'normal map (comp_normal)' if what == 'normal' else 'render'}")
+        return self.prior.encode(img)
+
+
+class SDSGuidance(DiffusionGuidance):
+    """Score distillation sampling against the adapter :meth:`build_prior` returns; ``loss_sds``."""
+
+    loss_name = "sds"
+
+    @dataclass
+    class Config(DiffusionGuidance.Config):
         min_step_percent: Scheduled = 0.02
         """Lowest timestep sampled, as a fraction of the training timesteps."""
         max_step_percent: Scheduled = 0.98
@@ -170,43 +230,13 @@ class SDSGuidance(BaseGuidance):
         """Clamp each gradient element to [-grad_clip, grad_clip]."""
         grad_normalize: bool = False
         """Scale each view's gradient to unit root-mean-square (after clipping)."""
-        image: Literal["rgb", "normal", "latents"] = "rgb"
-        """What the prior scores: the render, its normal map (Fantasia3D's geometry stage), or the
-        renderer's latents (a latent-space field)."""
-        view_dependent_prompting: bool = True
-        """Condition each view on its view-dependent prompt when the prompt processor makes them."""
 
     cfg: Config
 
-    @classmethod
-    def requires(cls, cfg: Any) -> frozenset[str]:
-        return frozenset({"normals"} if cfg.image == "normal" else set())
-
-    # -- the prior ------------------------------------------------------------------------------
-
-    def build_prior(self) -> DiffusionPrior:
-        """The frozen adapter this guidance scores with (subclasses load their weights here)."""
-        raise NotImplementedError
-
     def configure(self) -> None:
-        prior = self.build_prior()
-        prior.requires_grad_(False).eval()
-        # Frozen and not a submodule: it stays out of the system's optimizer and of checkpoints.
-        self.__dict__["prior"] = prior
         if self.cfg.anneal_steps < 1:
             raise ConfigError(f"{self.name()}: anneal_steps must be positive, got {self.cfg.anneal_steps}")
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "SDSGuidance":
-        self.prior._apply(fn, *args, **kwargs)
-        return super()._apply(fn, *args, **kwargs)
-
-    @property
-    def alphas_cumprod(self) -> Tensor:
-        return self.prior.alphas_cumprod
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.prior.num_train_timesteps
+        super().configure()
 
     # -- pieces -----------------------------------------------------------------------------------
 
@@ -236,18 +266,6 @@ class SDSGuidance(BaseGuidance):
             p = math.sqrt(p) if self.cfg.timestep_schedule == "sqrt" else p
             t = torch.full((n,), int(round(hi - (hi - lo) * p)), device=device, dtype=torch.long)
         return t.repeat_interleave(B // n)
-
-    def scored_image(self, inp: GuidanceInput) -> Tensor:
-        """The renders in the prior's space [B, C, h, w] (differentiable)."""
-        what = self.cfg.image
-        if what == "latents":
-            if inp.latents is None:
-                raise ValueError(f"{self.name()} image: latents needs a renderer that returns comp_latents")
-            return inp.latents.permute(0, 3, 1, 2)
-        img = inp.normal if what == "normal" else inp.rgb
-        if img is None:
-            raise ValueError(f"{self.name()} image: {what} got no {'normal map (comp_normal)' if what == 'normal' else 'render'}")
-        return self.prior.encode(img)
 
     def process_grad(self, grad: Tensor) -> Tensor:
         grad = torch.nan_to_num(grad)
@@ -454,7 +472,7 @@ def _ignore_missing_frozen_keys(module: VSDGuidance, incompatible: Any) -> None:
 # Multi-step refinement targets
 
 
-class RefineGuidance(SDSGuidance):
+class RefineGuidance(DiffusionGuidance):
     """MSE to the multi-step denoised render (DreamGaussian's texture stage); ``loss_refine``.
 
     The render is noised to ``t_s = strength * (T - 1)``, then denoised in ``n_steps`` DDIM steps
@@ -467,7 +485,7 @@ class RefineGuidance(SDSGuidance):
     loss_name = "refine"
 
     @dataclass
-    class Config(SDSGuidance.Config):
+    class Config(DiffusionGuidance.Config):
         strength: Scheduled = 0.3
         """How far the render is noised, as a fraction of the timesteps (0: the target is the render)."""
         n_steps: int = 4
@@ -522,5 +540,5 @@ class RefineGuidance(SDSGuidance):
                               diagnostics={"denoised": target, "t_start": torch.tensor(ts[0] if ts else 0)})
 
 
-__all__ = ["DiffusionPrior", "Conditioning", "SDSGuidance", "VSDGuidance", "RefineGuidance", "guided_eps",
+__all__ = ["DiffusionPrior", "Conditioning", "DiffusionGuidance", "SDSGuidance", "VSDGuidance", "RefineGuidance", "guided_eps",
            "perpendicular", "eps_x0", "cat_conds"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -121,27 +122,37 @@ class _ToyWeights:
     """Path of a toy-world safetensors file; null: the weights shipped in lift3d."""
 
 
-def _build(guidance: Any) -> ToyWorldPrior:
-    return ToyWorldPrior.load(guidance.cfg.pretrained, guidance.name())
+class _ToyWorldPrior:
+    """What the three toy-world guidances share: the prior they build and the token ids they need."""
+
+    prior_family = "toyworld"
+
+    @classmethod
+    def missing_weights(cls, cfg: Any) -> str | None:
+        from lift3d.priors.toyworld.model import DEFAULT_WEIGHTS
+
+        path = Path(cfg.pretrained) if cfg.pretrained else DEFAULT_WEIGHTS
+        return None if path.is_file() else f"no toy-world weights at {path}"
+
+    @classmethod
+    def requires(cls, cfg: Any) -> frozenset[str]:
+        return super().requires(cfg) | {"prompt_embeddings"}
+
+    def build_prior(self) -> ToyWorldPrior:
+        return ToyWorldPrior.load(self.cfg.pretrained, self.name())
 
 
 @register("toyworld-guidance")
-class ToyWorldGuidance(SDSGuidance):
+class ToyWorldGuidance(_ToyWorldPrior, SDSGuidance):
     """SDS with the toy-world prior; returns ``loss_sds``."""
 
     @dataclass
     class Config(SDSGuidance.Config, _ToyWeights):
         pass
 
-    build_prior = _build
-
-    @classmethod
-    def requires(cls, cfg: Any) -> frozenset[str]:
-        return super().requires(cfg) | {"prompt_embeddings"}
-
 
 @register("toyworld-vsd-guidance")
-class ToyWorldVSDGuidance(VSDGuidance):
+class ToyWorldVSDGuidance(_ToyWorldPrior, VSDGuidance):
     """VSD with the toy-world prior and a camera-conditioned LoRA copy; returns ``loss_vsd``."""
 
     @dataclass
@@ -149,20 +160,14 @@ class ToyWorldVSDGuidance(VSDGuidance):
         lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
         """Names (suffixes) of the UNet's Linear/Conv2d layers that get adapters."""
 
-    build_prior = _build
-    requires = ToyWorldGuidance.requires
-
 
 @register("toyworld-refine-guidance")
-class ToyWorldRefineGuidance(RefineGuidance):
+class ToyWorldRefineGuidance(_ToyWorldPrior, RefineGuidance):
     """MSE to the toy prior's multi-step denoised render; returns ``loss_refine``."""
 
     @dataclass
     class Config(RefineGuidance.Config, _ToyWeights):
         pass
-
-    build_prior = _build
-    requires = ToyWorldGuidance.requires
 
 
 __all__ = ["ToyWorldPrior", "ToyWorldGuidance", "ToyWorldVSDGuidance", "ToyWorldRefineGuidance"]

@@ -23,6 +23,12 @@ class BaseRenderer(BaseModule):
     class Config:
         pass
 
+    @classmethod
+    def provides_normals(cls, cfg: Any, material_cls: type) -> bool:
+        """Whether renders carry ``comp_normal`` with this parsed config and material class; the
+        system checks it at start-up against guidances that score normal maps."""
+        return False
+
 
     def configure(self, geometry: Any = None, material: Any = None, background: Any = None, **kwargs: Any) -> None:
         super().configure(**kwargs)

@@ -99,6 +99,10 @@ def neus_alpha(sdf_prev: Tensor, sdf_next: Tensor, inv_s: Tensor | float) -> Ten
 class NeuSVolumeRenderer(BaseRenderer):
     """Volume renderer of signed distance fields (``implicit-sdf`` or any geometry returning ``sdf``)."""
 
+    @classmethod
+    def provides_normals(cls, cfg: Any, material_cls: type) -> bool:
+        return True
+
     @dataclass
     class Config(BaseRenderer.Config):
         num_samples_per_ray: int = 512

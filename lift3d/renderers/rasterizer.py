@@ -54,6 +54,10 @@ class MeshRasterizer(BaseRenderer):
     interpolated from its mesh's ``v_tex`` / ``t_tex_idx``.
     """
 
+    @classmethod
+    def provides_normals(cls, cfg: Any, material_cls: type) -> bool:
+        return True
+
     @dataclass
     class Config(BaseRenderer.Config):
         backend: Literal["auto", "torch", "nvdiffrast"] = "auto"

@@ -95,6 +95,10 @@ def ray_sphere_intersect(rays_o: Tensor, rays_d: Tensor, radius: float) -> tuple
 class NeRFVolumeRenderer(BaseRenderer):
     """Volume renderer of density fields (``implicit-volume`` or any geometry returning ``density``)."""
 
+    @classmethod
+    def provides_normals(cls, cfg: Any, material_cls: type) -> bool:
+        return bool(cfg.return_comp_normal or getattr(material_cls, "requires_normal", False))
+
     @dataclass
     class Config(BaseRenderer.Config):
         num_samples_per_ray: int = 512

@@ -69,12 +69,6 @@ class SystemConfig:
     """Stop with a clear error on a NaN/Inf loss term or gradient."""
 
 
-def _renderer_gives_normals(renderer_cls: type, renderer_cfg: Any, material_cls: type) -> bool | None:
-    """Whether a renderer returns ``comp_normal`` (None when it does not say)."""
-    fn = getattr(renderer_cls, "provides_normals", None)
-    return None if fn is None else bool(fn(renderer_cfg, material_cls))
-
-
 class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.LightningModule, Configurable):
     """Builds the parts, runs training steps with stages; subclasses add recipe-specific losses."""
 
@@ -123,7 +117,7 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
                 cls, gcfg = self._parse_slot("guidance", spec.type, spec.config, spec.key)
                 needs = cls.requires(gcfg)
                 r_cls, r_cfg = parsed["renderer"]
-                if "normals" in needs and _renderer_gives_normals(r_cls, r_cfg, parsed["material"][0]) is False:
+                if "normals" in needs and not r_cls.provides_normals(r_cfg, parsed["material"][0]):
                     raise ConfigError(
                         f"{spec.key}: guidance {spec.type!r} scores normal maps, but renderer {r_cls.registry_name!r} "
                         f"in stage '{self.stages[idx].name}' returns none (comp_normal); use a renderer that does "

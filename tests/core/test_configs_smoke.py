@@ -4,39 +4,73 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
 from lift3d.config import load_config
 from lift3d.launch import run
+from lift3d.registry import find
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "tiny").glob("*.yaml"))
 
 
-def _use_tiny_prior_if_unshipped(raw: dict, tmp_path: Path) -> None:
-    """Recipes on the toy-world prior run against a tiny random prior until its weights ship."""
-    from lift3d.priors.toyworld.model import DEFAULT_WEIGHTS, ToyWorldPrior
+def _tiny_toyworld_prior(tmp_path: Path) -> dict:
+    from lift3d.priors.toyworld.model import ToyWorldPrior
     from lift3d.priors.toyworld.vocab import VOCAB
 
-    system = raw.get("system", {})
-    slots = [system] + list(system.get("stages", []) or [])
-    prior_guidance = {"toyworld-guidance", "toyworld-vsd-guidance", "toyworld-refine-guidance"}
-    users = [s for s in slots if s.get("guidance_type") in prior_guidance]
-    if not users or DEFAULT_WEIGHTS.is_file():
-        return
     path = ToyWorldPrior({"vocab_size": len(VOCAB), "block_out_channels": [16, 32], "attention": False,
-                          "norm_num_groups": 8}).save(tmp_path / "tiny-prior.safetensors")
-    for s in users:
-        s.setdefault("guidance", {})["pretrained"] = str(path)
+                          "norm_num_groups": 8}).save(tmp_path / "tiny-toyworld.safetensors")
+    return {"pretrained": str(path)}
+
+
+#: A tiny random model per prior family: the config overrides that make a guidance of that family use it.
+TINY_PRIORS = {"toyworld": _tiny_toyworld_prior}
+
+
+def _guidance_slots(system: dict) -> list[dict]:
+    """Every (guidance_type, guidance) pair of the recipe: the main one, named ones, in every stage."""
+    slots = [system] + list(system.get("stages", []) or [])
+    named = [g for s in slots for g in (s.get("guidances") or {}).values() if g]
+    return [s for s in slots + named if s.get("guidance_type")]
+
+
+def _tiny_models_where_weights_are_missing(raw: dict, tmp_path: Path) -> None:
+    """A guidance whose prior weights are not on this machine runs on a tiny random model of its family,
+    chosen by what the guidance declares (its prior family and missing_weights), not by its name."""
+    from lift3d.config import parse_structured
+    from lift3d.guidance.score_distillation import DiffusionGuidance
+
+    for slot in _guidance_slots(raw.get("system", {})):
+        cls = find(slot["guidance_type"], "guidance")
+        if not issubclass(cls, DiffusionGuidance):
+            continue
+        conf = slot.get("guidance") or {}
+        if any(isinstance(v, str) and "${" in v for v in conf.values()):
+            continue  # it names another slot's weights, which that slot's check covers
+        if cls.missing_weights(parse_structured(cls.Config, conf)) is not None:
+            slot["guidance"] = {**conf, **TINY_PRIORS[cls.prior_family](tmp_path)}
+
+
+def _input_image_if_needed(raw: dict, tmp_path: Path) -> None:
+    """Data modules that read an input image get a small RGBA one."""
+    if not getattr(find(raw.get("data_type", "random-camera-datamodule"), "data"), "provides_reference", False):
+        return
+    img = np.zeros((32, 32, 4), dtype=np.uint8)
+    img[8:24, 10:22] = [200, 40, 40, 255]
+    iio.imwrite(tmp_path / "input.png", img)
+    raw["image"] = str(tmp_path / "input.png")
+    raw["data"] = {**raw.get("data", {}), "ref_height": 16, "ref_width": 16}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO)) for c in CONFIGS])
 def test_two_step_smoke_run(config, tmp_path):
     raw_cfg, _ = load_config(config)
     raw = OmegaConf.to_container(raw_cfg, resolve=False)
-    _use_tiny_prior_if_unshipped(raw, tmp_path)
+    _tiny_models_where_weights_are_missing(raw, tmp_path)
     # Shrink the run: 1 step per stage (at least 2 in all), tiny images, few test frames.
     system = raw.setdefault("system", {})
     for st in system.get("stages", []) or []:
@@ -50,6 +84,7 @@ def test_two_step_smoke_run(config, tmp_path):
                    "n_val_views": 1, "n_test_views": 2, "batch_size": 1}
     raw.setdefault("system", {}).setdefault("exporter", {})["texture_size"] = 64
     raw["exp_root_dir"] = str(tmp_path / "out")
+    _input_image_if_needed(raw, tmp_path)
     small = tmp_path / config.name
     small.write_text(yaml.safe_dump(raw))
     assert run(["--config", str(small), "--train"]) == 0
@@ -58,3 +93,14 @@ def test_two_step_smoke_run(config, tmp_path):
     assert list(trial.glob("save/it*-test.mp4"))
     exported = list(trial.glob("save/it*-export/*"))
     assert exported, "nothing was exported"
+
+
+def test_guidances_without_their_weights_get_a_tiny_model_of_their_family(tmp_path):
+    raw = {"system": {"guidance_type": "toyworld-guidance", "guidance": {"pretrained": str(tmp_path / "absent")},
+                      "guidances": {"ref": {"guidance_type": "reference-image-guidance"}},
+                      "stages": [{"guidance_type": "toyworld-vsd-guidance", "guidance": {}}]}}
+    _tiny_models_where_weights_are_missing(raw, tmp_path)
+    tiny = str(tmp_path / "tiny-toyworld.safetensors")
+    assert raw["system"]["guidance"]["pretrained"] == tiny  # missing: replaced
+    assert raw["system"]["stages"][0]["guidance"] == {}  # the shipped weights are there: kept
+    assert raw["system"]["guidances"]["ref"] == {"guidance_type": "reference-image-guidance"}  # no prior at all
