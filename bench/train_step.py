@@ -14,11 +14,17 @@ machine.
 Without ``--variant`` it compares the volume renderer's normal schemes (central and forward finite
 differences) with and without early ray stopping on the dreamfusion recipe; from scratch the field
 is the initial blob, which no ray stops in, so pass ``--resume`` with a trained checkpoint.
+
+``--baseline-repo DIR`` compares code instead of configs: the same recipe (each repo's own copy of
+``--config``) runs with the lift3d package of DIR (e.g. ``git worktree add /tmp/base <commit>``) and
+with this checkout's, each in a child process, alternating for ``--rounds`` rounds; the table gives
+the median step time of each and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -28,6 +34,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if "--child-repo" in sys.argv:  # a child of --baseline-repo: import lift3d from the repo it names
+    REPO = Path(sys.argv[sys.argv.index("--child-repo") + 1]).resolve()
 sys.path.insert(0, str(REPO))
 
 
@@ -85,6 +93,33 @@ def run_variant(config: str, overrides: list[str], resume: str | None, warmup: i
             "samples": statistics.median(samples[warmup:]) if samples[warmup:] else None}
 
 
+def compare_code(args: argparse.Namespace) -> None:
+    """Median step time of this checkout against ``--baseline-repo``, alternating child processes."""
+    import json
+    import subprocess
+
+    repos = {"baseline": Path(args.baseline_repo).resolve(), "current": Path(__file__).resolve().parents[1]}
+    times: dict[str, list[float]] = {k: [] for k in repos}
+    for _ in range(args.rounds):
+        for name, repo in repos.items():
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child-repo", str(repo), "--config", args.config,
+                   "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+            line = [x for x in out.stdout.splitlines() if x.startswith("CHILD ")]
+            if out.returncode != 0 or not line:
+                raise SystemExit(f"{name} run failed:\n{out.stderr[-3000:]}")
+            times[name].append(json.loads(line[-1][6:])["median_s"])
+    base = statistics.median(times["baseline"])
+    print(f"\n{args.config}: median step time over {args.rounds} alternating rounds of {args.steps} steps "
+          f"(after {args.warmup}), {args.threads or torch.get_num_threads()} threads")
+    print(f"{'code':<10} {'step s':>8} {'x baseline':>11}  rounds (s)  repo")
+    for name, repo in repos.items():
+        med = statistics.median(times[name])
+        print(f"{name:<10} {med:8.4f} {med / base:11.3f}  {' '.join(f'{t:.4f}' for t in times[name])}  {repo}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/tiny/dreamfusion.yaml")
@@ -95,10 +130,21 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--baseline-repo", default=None, help="compare this checkout's code with the one in DIR")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds with --baseline-repo")
+    p.add_argument("--child-repo", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.baseline_repo:
+        return compare_code(args)
     config = args.config if Path(args.config).exists() else str(REPO / args.config)
+    if args.child_repo:
+        import json
+
+        r = run_variant(str(REPO / args.config), [], args.resume, args.warmup, args.steps)
+        print("CHILD " + json.dumps(r))
+        return
     rows = []
     for spec in args.variant or DEFAULT_VARIANTS:
         name, _, rest = spec.partition("=")

@@ -308,6 +308,11 @@ class GaussianModel(BaseGeometry):
             return torch.sigmoid(self.features_dc)
         return sh_to_rgb(self.features_dc).clamp_min(0.0)
 
+    def guidance_points(self) -> tuple[Tensor, Tensor]:
+        """(centres [N, 3], base colours [N, 3] in [0, 1]) for a guidance that scores the point cloud
+        itself (a 3D prior such as Point-E); both differentiable."""
+        return self.xyz, self.base_colors().clamp(0.0, 1.0)
+
     def colors(self, camera_positions: Tensor) -> Tensor:
         """[B, N, 3] colours seen from cameras at ``camera_positions`` [B, 3]."""
         deg = self.active_sh_degree

@@ -111,9 +111,9 @@ class ToyWorldPrior(DiffusionPrior):
                           init_lora_weights=True)
         inject_adapter_in_model(lora, phi.unet)
         phi.camera_mlp.requires_grad_(True)
-        out = ToyWorldPrior(phi, self.guidance_name)
-        out.train()
-        return out
+        # Eval mode, as the prior: the network has no dropout to switch on, yet in train mode its
+        # outputs differed in the last bits (VSD runs then drifted from eval-mode ones by 1e-6 a step).
+        return ToyWorldPrior(phi, self.guidance_name).eval()
 
 
 @dataclass

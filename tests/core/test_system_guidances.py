@@ -138,3 +138,37 @@ def test_guidances_and_prompt_processor_are_built_only_for_training(tmp_path, ti
     assert run(["--config", str(tiny_recipe), "--test", f"resume={ckpt}"]) == 0
     exported = list(tmp_path.glob("tiny-test/*/save/it2-export/model.json"))
     assert exported and len(json.loads(exported[0].read_text())["rgb"]) == 3
+
+
+def test_a_point_guidance_needs_a_point_geometry_and_gets_its_points(tmp_path):
+    """A guidance that requires points fails at start-up without them and gets the Gaussians' centres."""
+    from dataclasses import dataclass as dc
+
+    from lift3d.guidance.base import BaseGuidance, GuidanceOutput
+    from lift3d.registry import register
+
+    @register("test-points-guidance")
+    class PointsGuidance(BaseGuidance):
+        @dc
+        class Config(BaseGuidance.Config):
+            pass
+
+        @classmethod
+        def requires(cls, cfg):
+            return frozenset({"points"})
+
+        def forward(self, inp, t=None, noise=None):
+            # pull every centre to the origin, and colours to white
+            return GuidanceOutput({"loss_pts": inp.points.pow(2).sum(-1).mean() + (1 - inp.point_colors).mean()})
+
+    with pytest.raises(ConfigError, match="scores the geometry's points, but geometry 'test-param-geometry'"):
+        TextTo3DSystem(tiny_system_config(guidance_type="test-points-guidance", loss={"lambda_pts": 1.0}))
+    cfg = tiny_system_config(guidance_type="test-points-guidance", loss={"lambda_pts": 1.0},
+                             geometry_type="gaussian-splatting", geometry={"init": "ball:0.5", "n_init": 50, "seed": 0},
+                             renderer_type="gaussian-splatting-renderer", renderer={},
+                             material_type="neural-radiance-material", material={},
+                             optimizer={"name": "Adam", "args": {"lr": 0.01}})
+    system = TextTo3DSystem(cfg, seed=0)
+    before = system.geometry.xyz.detach().norm(dim=-1).mean()
+    fit(system, RandomCameraDataModule(DATA, seed=0), 10, tmp_path)
+    assert system.geometry.xyz.detach().norm(dim=-1).mean() < before

@@ -251,3 +251,8 @@ def test_system_trains_the_lora_and_resumes_exactly(weights, tmp_path):
     a, b = _lora_state(full.guidance), _lora_state(resumed.guidance)
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=1e-6, atol=1e-7, msg=f"LoRA {n} differs after resume")
+
+
+def test_the_lora_copy_runs_in_eval_mode_like_the_prior(weights):
+    g = _guidance(weights)
+    assert not g.prior.training and not g.phi.training and not any(m.training for m in g.phi.modules())
