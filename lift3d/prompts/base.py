@@ -300,6 +300,9 @@ class BasePromptProcessor(BaseObject):
         """Perp-Neg falloff: side negative's weight in the side-back half."""
         perp_neg_f_fsb: tuple[float, float, float] = (1.0, 0.5, 0.967)
         """Perp-Neg falloff: front negative's weight in the side-back half."""
+        allow_empty_prompt: bool = False
+        """Encode an empty prompt as the empty text instead of stopping: a prior trained with dropped
+        text then scores without one (image-to-3D recipes where the image says what the object is)."""
         use_cache: bool = True
         """Keep text embeddings on disk, keyed by encoder and text, so later runs skip the encoder."""
         cache_dir: Optional[str] = None
@@ -424,9 +427,9 @@ class BasePromptProcessor(BaseObject):
         )
         if not self.has_encoder:
             return PromptUtils(**common)
-        if not cfg.prompt.strip():
+        if not cfg.prompt.strip() and not cfg.allow_empty_prompt:
             raise ConfigError(f"{self.name} needs a prompt, but config key {self.key('prompt')} is empty; "
-                              'set prompt="..." on the command line')
+                              'set prompt="..." on the command line (or allow_empty_prompt: true)')
         table = self.embed([cfg.prompt, cfg.negative_prompt, *prompts_vd, *negatives_vd])
         return PromptUtils(
             **common,

@@ -195,9 +195,6 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
             self.__dict__["_prompt_utils"] = out.to(self.device) if hasattr(out, "to") else out
         return self._prompt_utils
 
-    def _prompt_built(self) -> bool:
-        return self._prompt_utils is not None
-
     def enter_stage(self, idx: int, convert: bool = True) -> None:
         """Switch to stage ``idx``: rebuild changed slots, converting the geometry if ``convert``."""
         old = self.stage_index

@@ -44,8 +44,7 @@ class TrainingStepMixin:
         if "points" in needs:
             points, colors = self.geometry.guidance_points()
             extra.update(points=points, point_colors=colors)
-        prompt = self.prompt_utils if "prompt_embeddings" in needs or self._prompt_built() else None
-        return GuidanceInput.from_render(out, view_batch, prompt=prompt, **extra)
+        return GuidanceInput.from_render(out, view_batch, prompt=self.prompt_utils, **extra)
 
     def regularizer(self, term: str) -> Any:
         """The regularizer that produces ``loss_<term>``, or None when none is registered."""

@@ -93,3 +93,17 @@ def test_normal_image_mode_scores_the_normal_map(weights):
     torch.testing.assert_close(normal.grad, normal2.grad)
     with pytest.raises(ValueError, match="comp_normal"):
         call(g, rgb, "a red cube", **cams)
+
+
+def test_an_empty_prompt_scores_with_the_text_dropped(weights):
+    """No prompt (image-to-3D): both branches are the prior's null text, so guidance has nothing to scale."""
+    gen = torch.Generator().manual_seed(3)
+    rgb = torch.rand(2, 16, 16, 3, generator=gen)
+    kw = dict(elevation=torch.tensor([10.0, 30.0]), azimuth=torch.tensor([0.0, 90.0]),
+              camera_distances=torch.tensor([2.0, 2.0]), t=torch.tensor([300, 700]),
+              noise=torch.randn(2, 3, 16, 16, generator=gen))
+    out = {s: call(ToyWorldGuidance({"pretrained": str(weights), "guidance_scale": s}), rgb, "", **kw)["loss_sds"]
+           for s in (1.0, 7.5)}
+    assert torch.equal(out[1.0], out[7.5])
+    prompted = call(ToyWorldGuidance({"pretrained": str(weights), "guidance_scale": 7.5}), rgb, "a red cube", **kw)
+    assert not torch.equal(prompted["loss_sds"], out[7.5])

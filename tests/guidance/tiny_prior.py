@@ -29,7 +29,8 @@ def toy_input(rgb, prompt="a red cube", negative_prompt="", elevation=None, azim
     from lift3d.guidance.base import CameraBatch, GuidanceInput
     from lift3d.prompts.toyworld import ToyWorldPromptProcessor
 
-    prompt_utils = ToyWorldPromptProcessor({"prompt": prompt, "negative_prompt": negative_prompt})()
+    prompt_utils = ToyWorldPromptProcessor({"prompt": prompt, "negative_prompt": negative_prompt,
+                                            "allow_empty_prompt": not prompt})()
     cameras = CameraBatch.from_angles(elevation, azimuth, camera_distances)
     return GuidanceInput(cameras=cameras, rgb=rgb, normal=normal, opacity=opacity, prompt=prompt_utils)
 

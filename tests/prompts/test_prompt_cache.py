@@ -250,3 +250,9 @@ def test_an_empty_prompt_fails_at_call_not_construction(tmp_path):
     with pytest.raises(ConfigError, match="needs a prompt"):
         p()
     assert not ENCODED
+
+
+def test_an_empty_prompt_may_be_allowed_and_encodes_the_empty_text(tmp_path):
+    p = make(tmp_path / "cache", prompt="", allow_empty_prompt=True)
+    utils = p()
+    assert utils.prompt == "" and "" in ENCODED and utils.text_embeddings is not None
