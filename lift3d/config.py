@@ -2,9 +2,11 @@
 
 A config file is YAML read by omegaconf (so ``${a.b}`` interpolation and the resolvers below
 work). ``extends: base.yaml`` (or a list) merges the named files first, paths relative to the
-file that names them. Every registered class nests a ``Config`` dataclass; :func:`parse_structured`
-turns a mapping into it strictly: an unknown key or a wrong type is a :class:`ConfigError` that
-names the key path, the file that set it, and what would be valid.
+file that names them; command-line ``key=value`` overrides come last. A file or the command line
+that names a different ``<slot>_type`` starts ``<slot>`` afresh instead of merging into the
+inherited one (see "Layers" below). Every registered class nests a ``Config`` dataclass;
+:func:`parse_structured` turns a mapping into it strictly: an unknown key or a wrong type is a
+:class:`ConfigError` that names the key path, the file that set it, and what would be valid.
 
 Any field annotated :data:`Scheduled` (or :data:`ScheduledInt`) may be a number or a schedule of
 the global step:
@@ -179,10 +181,23 @@ class Provenance:
             for k, v in node.items():
                 self.record(v, source, f"{prefix}.{k}" if prefix else str(k), leaves_only)
 
+    def forget(self, key_path: str) -> None:
+        """Drop what is known about ``key_path`` and everything under it (a slot started afresh)."""
+        key_path = _dotted(key_path)
+        for k in [k for k in self._src if k == key_path or k.startswith(key_path + ".")]:
+            del self._src[k]
+
+    def set(self, key_path: str, source: str) -> None:
+        self._src[_dotted(key_path)] = source
+
+    def update(self, other: "Provenance") -> None:
+        """Take ``other``'s entries over these (``other`` is a later layer)."""
+        self._src.update(other._src)
+
     def source(self, key_path: str) -> str | None:
         # File-set list items (stages[1]) are recorded at the list's key, command-line ones at
         # their index (stages.1), which the longest-prefix walk reaches either way.
-        parts = re.sub(r"\[(\d+)\]", r".\1", key_path).split(".")
+        parts = _dotted(key_path).split(".")
         for n in range(len(parts), 0, -1):
             src = self._src.get(".".join(parts[:n]))
             if src is not None:
@@ -191,10 +206,143 @@ class Provenance:
 
     def describe(self, key_path: str) -> str:
         src = self.source(key_path)
+        via = self._via.get(_dotted(key_path)) if hasattr(self, "_via") else None
+        if src and via is not None:  # ``prompt: ${prompt}``: name where the value itself came from
+            target_src = self.source(via)
+            if target_src and target_src != src:
+                return f" (set in {src} to ${{{via}}}, which is set in {target_src})"
         return f" (set in {src})" if src else ""
 
+    def note_interpolations(self, cfg: Any, prefix: str = "") -> None:
+        """Remember keys whose value is exactly ``${other.key}``, so errors can follow them."""
+        if not hasattr(self, "_via"):
+            self._via: dict[str, str] = {}
+        if isinstance(cfg, DictConfig):
+            items = [(str(k), cfg._get_node(k)) for k in cfg.keys()]
+        elif isinstance(cfg, ListConfig):
+            items = [(str(i), cfg._get_node(i)) for i in range(len(cfg))]
+        else:
+            return
+        for k, node in items:
+            path = f"{prefix}.{k}" if prefix else k
+            if isinstance(node, (DictConfig, ListConfig)):
+                self.note_interpolations(node, path)
+                continue
+            raw = node._value() if hasattr(node, "_value") else None
+            m = re.fullmatch(r"\$\{([A-Za-z_][\w.]*)\}", raw) if isinstance(raw, str) else None
+            if m:
+                self._via[path] = m.group(1)
 
-def _load_file(path: Path, prov: Provenance, chain: tuple[Path, ...]) -> DictConfig:
+
+def _dotted(key_path: str) -> str:
+    """``stages[1].geometry`` -> ``stages.1.geometry``: one spelling for list indices."""
+    return re.sub(r"\[(\d+)\]", r".\1", key_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers, and a slot whose type a later layer changes
+#
+# A config is a stack of layers: the files of an ``extends`` chain, bases first (a list of bases
+# in its order), then the file itself, then the command line. Layers merge key by key, with one
+# exception, the rule Hydra users know from config groups: a ``<slot>_type`` key names which
+# class reads the ``<slot>`` mapping beside it, so when a later layer names a different type than
+# the layers below it, the inherited ``<slot>`` settings are dropped and the slot starts from the
+# later layer's own ``<slot>:`` block (or from empty). Settings written for one guidance would
+# otherwise land in another's strict Config as unknown keys. Naming the same type again keeps them,
+# and a ``null`` type (a stage that inherits) names nothing, so it keeps them too. The rule holds for
+# every pair at any depth (``data_type``/``data``, ``system_type``/``system``, the system's slots,
+# ``system.guidances.<name>.guidance_type``/``guidance``, inside a stage), and the command line counts
+# as one layer: ``system.guidance_type=X`` clears the inherited ``system.guidance`` whatever order the
+# overrides come in, and ``system.guidance.k=v`` / ``system.guidance={...}`` then fill it.
+
+
+def _slot_of(key: Any) -> str | None:
+    """``guidance`` for ``guidance_type``; None for a key that is not a type key."""
+    if isinstance(key, str) and key.endswith("_type") and len(key) > len("_type"):
+        return key[: -len("_type")]
+    return None
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    """The resolved value at ``key``, or a sentinel when it cannot be resolved here."""
+    try:
+        return OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+    except Exception:  # an interpolation that a later layer completes
+        return _UNRESOLVED
+
+
+_UNRESOLVED = object()
+
+
+def _type_changed(old: Any, new: Any, key: str, before: DictConfig, after: Any) -> bool:
+    """Whether a layer that writes ``new`` at type key ``key`` changes the type ``old`` below it.
+
+    ``after`` (the config with the layer applied, or a function making it) is only needed when
+    one side is an interpolation: then the resolved values are compared.
+    """
+    if old is None or new is None or old == new:
+        return False
+    if any(isinstance(v, str) and "${" in v for v in (old, new)):
+        after_cfg = after() if callable(after) else after
+        old_v, new_v = _select(before, key), _select(after_cfg, key)
+        if old_v is not _UNRESOLVED and new_v is not _UNRESOLVED:
+            return old_v is not None and new_v is not None and old_v != new_v
+    return True
+
+
+def _child(node: Any, key: Any) -> Any:
+    """``node[key]`` in plain data; a list is indexed by a digit key (``stages.1`` on the command line)."""
+    if isinstance(node, dict):
+        return node.get(key)
+    if isinstance(node, list) and str(key).isdigit() and int(key) < len(node):
+        return node[int(key)]
+    return None
+
+
+def _retyped_slots(base: Any, layer: dict, before: DictConfig, after: Any, prefix: str = "") -> list[str]:
+    """Key paths of the ``<slot>`` mappings in ``base`` whose ``<slot>_type`` ``layer`` changes
+    (``base`` and ``layer`` are plain data; outer slots come first and hide the ones inside)."""
+    found = []
+    for k, v in layer.items():
+        slot = _slot_of(k)
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if slot is not None and isinstance(base, dict) and k in base and isinstance(base.get(slot), dict) \
+                and _type_changed(base[k], v, path, before, after):
+            found.append(f"{prefix}.{slot}" if prefix else slot)
+    for k, v in layer.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        sub = _child(base, k)
+        if isinstance(v, dict) and isinstance(sub, (dict, list)) and path not in found:
+            found += _retyped_slots(sub, v, before, after, path)
+    return found
+
+
+def _clear_slots(data: Any, paths: list[str]) -> None:
+    """Set each ``<slot>`` at ``paths`` (found by :func:`_retyped_slots`) to an empty mapping."""
+    for path in paths:
+        *parents, slot = path.split(".")
+        node = data
+        for part in parents:
+            node = _child(node, part)
+        node[slot] = {}
+
+
+def _merge_layer(base: DictConfig, base_prov: Provenance, layer: DictConfig,
+                 layer_prov: Provenance) -> tuple[DictConfig, Provenance]:
+    """``layer`` over ``base``, slots it retypes started afresh; provenance follows the same rule."""
+    base_data = OmegaConf.to_container(base, resolve=False)
+    layer_data = OmegaConf.to_container(layer, resolve=False)
+    resets = _retyped_slots(base_data, layer_data, base, lambda: OmegaConf.merge(base, layer))  # type: ignore[arg-type]
+    _clear_slots(base_data, resets)
+    for path in resets:
+        base_prov.forget(path)
+        base_prov.set(path, layer_prov.source(f"{path}_type") or "")
+    base_prov.update(layer_prov)
+    merged = OmegaConf.merge(OmegaConf.create(base_data), layer) if resets else OmegaConf.merge(base, layer)
+    return merged, base_prov  # type: ignore[return-value]
+
+
+def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[DictConfig, Provenance]:
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in chain + (path,))
@@ -209,15 +357,17 @@ def _load_file(path: Path, prov: Provenance, chain: tuple[Path, ...]) -> DictCon
     if not isinstance(node, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping at the top, got a list")
     ext = node.pop("extends", None) if "extends" in node else None
-    merged = OmegaConf.create({})
+    merged: DictConfig = OmegaConf.create({})
+    prov = Provenance()
     if ext is not None:
         bases = [ext] if isinstance(ext, str) else list(ext) if isinstance(ext, ListConfig) else None
         if bases is None or not all(isinstance(b, str) for b in bases):
             raise ConfigError(f"'extends' in {path} must be a file path or a list of paths, got {ext!r}")
         for base in bases:
-            merged = OmegaConf.merge(merged, _load_file(path.parent / base, prov, chain + (path,)))
-    prov.record(OmegaConf.to_container(node, resolve=False), str(path))
-    return OmegaConf.merge(merged, node)  # type: ignore[return-value]
+            merged, prov = _merge_layer(merged, prov, *_load_file(path.parent / base, chain + (path,)))
+    own = Provenance()
+    own.record(OmegaConf.to_container(node, resolve=False), str(path))
+    return _merge_layer(merged, prov, node, own)
 
 
 # Shorthand CLI keys that set a top-level field (the recipe interpolates them where needed).
@@ -236,17 +386,39 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[DictConfig, Provenance]:
-    """Load ``path`` with its ``extends`` chain and apply ``key=value`` overrides (unresolved)."""
-    prov = Provenance()
-    cfg = _load_file(Path(path), prov, ())
+    """Load ``path`` with its ``extends`` chain and apply ``key=value`` overrides (unresolved).
+
+    Each later layer that names a different ``<slot>_type`` starts ``<slot>`` afresh (see
+    :func:`_merge_layer`); the overrides are one layer.
+    """
+    cfg, prov = _load_file(Path(path), ())
     if overrides:
         cli = parse_overrides(overrides)
-        for item in overrides:
-            key = item.split("=", 1)[0]
-            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={item.split('=', 1)[1]}"]), resolve=False)["v"]
+        values = [(item.split("=", 1)[0], _override_value(item)) for item in overrides]
+
+        def with_overrides() -> DictConfig:  # only asked for when a type is an interpolation
+            trial = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+            for key, value in values:
+                _apply_override(trial, key, value)  # type: ignore[arg-type]
+            return trial  # type: ignore[return-value]
+
+        data = OmegaConf.to_container(cfg, resolve=False)
+        resets = _retyped_slots(data, OmegaConf.to_container(cli, resolve=False), cfg, with_overrides)
+        if resets:
+            _clear_slots(data, resets)
+            cfg = OmegaConf.create(data)
+        for slot_path in resets:
+            prov.forget(slot_path)
+            prov.set(slot_path, CLI_SOURCE)
+        for key, value in values:
             _apply_override(cfg, key, value)
         prov.record(OmegaConf.to_container(cli, resolve=False), CLI_SOURCE, leaves_only=True)
-    return cfg, prov  # type: ignore[return-value]
+    return cfg, prov
+
+
+def _override_value(item: str) -> Any:
+    """The value of ``key=value``, parsed as YAML the way ``from_dotlist`` does."""
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={item.split('=', 1)[1]}"]), resolve=False)["v"]
 
 
 def _apply_override(cfg: DictConfig, key: str, value: Any) -> None:
@@ -263,12 +435,21 @@ def _apply_override(cfg: DictConfig, key: str, value: Any) -> None:
         elif isinstance(node, DictConfig) and part in node:
             node = node._get_node(part)
         else:
+            digits = [j for j in range(i, len(parts)) if parts[j].isdigit()]
+            if digits:  # an index into a list no layer made: OmegaConf would make a dict {'0': ...}
+                j = digits[0]
+                raise ConfigError(
+                    f"command-line override {key!r}: {'.'.join(parts[:j])!r} is not set in the config, so "
+                    f"there is no list whose item {parts[j]} it could change; set the whole list instead "
+                    f"(e.g. {'.'.join(parts[:j])}=[{{...}}, {{...}}])")
             break
     OmegaConf.update(cfg, key, value, merge=True)
 
 
 def resolve(cfg: DictConfig, prov: Provenance | None = None) -> dict:
     """Resolve interpolations into a plain dict, turning resolver errors into ConfigErrors."""
+    if prov is not None:
+        prov.note_interpolations(cfg)
     try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except Exception as exc:

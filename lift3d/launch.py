@@ -8,6 +8,7 @@ mp4), --export (mesh / PLY from a checkpoint). Each run lives in a trial folder
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import sys
 import time
@@ -37,13 +38,43 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     """Show the progress bar (step, stage, loss, steps/s)."""
 
+    def check(self, prov: Any = None) -> None:
+        """Values Lightning would only reject (with a traceback) after the trial folder exists."""
+        where = (lambda k: prov.describe(f"trainer.{k}")) if prov is not None else (lambda k: "")
+        if self.max_steps < 1:
+            raise ConfigError(f"config key 'trainer.max_steps'{where('max_steps')} is {self.max_steps}: a run needs "
+                              "at least 1 step (to render or export a trained model, use --test/--export with resume=)")
+        if self.val_check_interval is not None and self.val_check_interval < 1:
+            raise ConfigError(f"config key 'trainer.val_check_interval'{where('val_check_interval')} is "
+                              f"{self.val_check_interval}: use a positive step count, or null for no validation")
+        if self.log_every_n_steps < 1:
+            raise ConfigError(f"config key 'trainer.log_every_n_steps'{where('log_every_n_steps')} is "
+                              f"{self.log_every_n_steps}: use a positive step count")
+        if self.num_sanity_val_steps < 0:
+            raise ConfigError(f"config key 'trainer.num_sanity_val_steps'{where('num_sanity_val_steps')} is "
+                              f"{self.num_sanity_val_steps}: use 0 or more")
+        if str(self.precision) not in PRECISIONS:
+            raise ConfigError(f"config key 'trainer.precision'{where('precision')} is {self.precision!r}; "
+                              f"valid: {', '.join(PRECISIONS)}")
+
+
+#: Lightning precision strings lift3d accepts (the short aliases Lightning also takes are left out).
+PRECISIONS = ("32-true", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+
 
 @dataclass
 class CheckpointConfig:
     every_n_train_steps: int = 200
     """Write ckpts/last.ckpt this often (and at the end, and on Ctrl-C)."""
     keep_all: bool = False
-    """Also keep ckpts/step=N.ckpt for every save."""
+    """Also keep ckpts/step=N.ckpt for every save (a hard link to last.ckpt where the file system
+    allows, else an atomic copy)."""
+
+    def check(self, prov: Any = None) -> None:
+        if self.every_n_train_steps < 0:
+            where = prov.describe("checkpoint.every_n_train_steps") if prov is not None else ""
+            raise ConfigError(f"config key 'checkpoint.every_n_train_steps'{where} is {self.every_n_train_steps}: "
+                              "use a positive step count, or 0 to save only at the end and on Ctrl-C")
 
 
 @dataclass
@@ -100,6 +131,7 @@ def prompt_slug(text: str, max_chars: int = 64) -> str:
 
 
 def trial_dir_for(cfg: ExperimentConfig, timestamp: str) -> Path:
+    """The trial folder a run of ``cfg`` started at ``timestamp`` asks for (see :func:`create_trial_dir`)."""
     root = Path(cfg.exp_root_dir).expanduser().resolve()
     base = prompt_slug(cfg.tag) if cfg.tag else prompt_slug(cfg.prompt)
     folder = f"{base}@{timestamp}" if cfg.use_timestamp else base
@@ -107,6 +139,87 @@ def trial_dir_for(cfg: ExperimentConfig, timestamp: str) -> Path:
     if root not in path.parents:  # belt and braces: the slug rules already guarantee this
         raise ConfigError(f"trial folder {path} would leave exp_root_dir {root}")
     return path
+
+
+def create_trial_dir(wanted: Path, max_tries: int = 10000) -> Path:
+    """Create a new, empty trial folder at ``wanted`` or, when that exists, at ``wanted-2``, ``-3``, ...
+
+    Each candidate is made with an exclusive ``mkdir``, so two runs started in the same second (or
+    two runs with ``use_timestamp=false``) never share a folder, whatever the concurrency.
+    """
+    try:
+        wanted.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"exp_root_dir: cannot create {wanted.parent}: {exc.strerror or exc}; "
+                          "set exp_root_dir= to a writable folder") from None
+    if not wanted.parent.is_dir():
+        raise ConfigError(f"exp_root_dir: {wanted.parent} is not a folder; set exp_root_dir= to a writable folder")
+    for k in range(1, max_tries + 1):
+        path = wanted if k == 1 else wanted.with_name(f"{wanted.name}-{k}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"exp_root_dir: cannot create the trial folder {path}: {exc.strerror or exc}; "
+                              "set exp_root_dir= to a writable folder") from None
+        return path
+    raise ConfigError(f"exp_root_dir: {max_tries} trial folders named {wanted.name}[-N] exist already in {wanted.parent}")
+
+
+def is_trial_dir(path: Path | None) -> bool:
+    """Whether ``path`` is a lift3d trial folder (one a run made: ``configs/parsed.yaml`` and ``ckpts/``)."""
+    return path is not None and (path / "configs" / "parsed.yaml").is_file() and (path / "ckpts").is_dir()
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Command-line overrides: ``key=value``, printable (a control character is nearly always a paste error)."""
+    for ov in overrides:
+        bad = _CONTROL.search(ov)
+        if bad:
+            raise ConfigError(f"command-line override {ov!r} contains the control character {bad.group()!r} "
+                              f"at position {bad.start()}; retype it without it")
+        if "=" not in ov:
+            raise ConfigError(f"command-line argument {ov!r} is not an override; overrides look like key=value "
+                              "(e.g. prompt=\"a red cube\"), flags start with --")
+
+
+def check_config_file(path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc})") from None
+    if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
+        raise ConfigError(f"--config {path}: the file is empty (only blank lines or comments); a recipe sets at "
+                          "least system_type / system (see configs/tiny/*.yaml), or extends one")
+
+
+def load_checkpoint_file(path: Path, key: str = "resume") -> dict[str, Any]:
+    """A lift3d checkpoint, loaded with ``weights_only=True``; anything else is a ConfigError naming the file."""
+    from lift3d.utils.checkpoint import AtomicCheckpointIO
+
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{key}={path}: the file is empty (an interrupted copy or download?)")
+    try:
+        state = AtomicCheckpointIO().load_checkpoint(path)
+    except Exception as exc:  # truncated zip, random bytes, a pickle that needs code to load, ...
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{key}={path}: not a readable checkpoint ({type(exc).__name__}: {msg[:200]}); "
+                          "it may be truncated or not a lift3d checkpoint. lift3d loads checkpoints with "
+                          "weights_only=True and never unpickles code") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        what = f"a dict with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"{key}={path}: not a lift3d checkpoint (it holds {what}, not a Lightning checkpoint "
+                          "with 'state_dict'); resume takes a ckpts/*.ckpt file written by a lift3d run")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default=None, help="GPU ids, e.g. 0 or 0,1 (several: DDP)")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--verbose", action="store_true", help="show every loss term and full tracebacks")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, data, checkpoint and prompt as the run would, then stop: nothing is written")
     return p
 
 
@@ -167,7 +282,6 @@ def load_trained_system(ckpt: str | Path, config: str | Path | None = None, over
     ``weights_only=True`` like every checkpoint load in lift3d.
     """
     from lift3d.registry import find, load_plugins
-    from lift3d.utils.checkpoint import AtomicCheckpointIO
 
     ckpt = Path(ckpt)
     if config is None:
@@ -179,9 +293,7 @@ def load_trained_system(ckpt: str | Path, config: str | Path | None = None, over
         load_plugins(root)
     cfg, _, prov = load_experiment(str(config), list(overrides or []))
     system = find(cfg.system_type, "system")(cfg.system, cfg_key="system", prov=prov, seed=cfg.seed)
-    state = AtomicCheckpointIO().load_checkpoint(ckpt)
-    system.on_load_checkpoint(state)
-    system.load_state_dict(state["state_dict"])
+    system.check_checkpoint(load_checkpoint_file(ckpt, key="ckpt"), f"ckpt={ckpt}")
     return system.eval()
 
 
@@ -189,11 +301,85 @@ def _checkpoint_trial_dir(ckpt: Path) -> Path | None:
     return ckpt.parent.parent if ckpt.parent.name == "ckpts" else None
 
 
+def _quiet_lightning(verbose: bool) -> None:
+    """Keep lift3d's own lines readable: Lightning's info chatter and one upstream deprecation go."""
+    import logging
+    import warnings
+
+    if verbose:
+        return
+    # Lightning sets its loggers' levels when imported, so this runs after the import.
+    for name in list(logging.root.manager.loggerDict) + ["lightning", "lightning.pytorch", "lightning.fabric"]:
+        if name.split(".")[0] in ("lightning", "lightning_fabric", "pytorch_lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    # Raised inside Lightning's own pytree helper on current torch; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+class RunIOError(RuntimeError):
+    """The disk failed under a run (full, read-only, ...); the message says which checkpoint is intact."""
+
+
+def _io_failure(exc: OSError, ckpt_dir: Path) -> RunIOError:
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file():
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.stat().st_mtime))
+        intact = (f"{last} (written {when}) is intact: checkpoints are written to a temporary file and renamed, "
+                  f"so continue with resume={last} once there is room")
+    else:
+        intact = "no checkpoint had been written yet"
+    what = "the disk is full" if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) else exc.strerror or str(exc)
+    where = f" while writing {exc.filename}" if exc.filename else ""
+    return RunIOError(f"{what}{where}; {intact}")
+
+
+def _record_configs(trial: Path, raw: Any, data: dict, args: argparse.Namespace, extras: list[str],
+                    new_trial: bool, resume: Path | None, step: int | None) -> Path:
+    """Write the configs a run used. A new trial gets raw.yaml and parsed.yaml; a run that continues or
+    reads an existing trial never rewrites them and adds ``configs/history/NNN-<mode>.yaml`` instead."""
+    from omegaconf import OmegaConf
+
+    from lift3d.utils.io import atomic_path
+
+    conf = trial / "configs"
+    conf.mkdir(parents=True, exist_ok=True)
+    parsed = dict(data)
+    parsed["resume"] = None
+    if new_trial:
+        for name, text in (("raw.yaml", OmegaConf.to_yaml(raw, resolve=False)),
+                           ("parsed.yaml", OmegaConf.to_yaml(OmegaConf.create(parsed)))):
+            with atomic_path(conf / name) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+    mode = next(m for m in ("train", "validate", "test", "export") if getattr(args, m))
+    record = {
+        "mode": mode,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config_file": str(Path(args.config).resolve()),
+        "overrides": list(extras),
+        "resume": str(resume.resolve()) if resume is not None else None,
+        "resume_step": step,
+        "parsed": parsed,
+    }
+    hist = conf / "history"
+    hist.mkdir(exist_ok=True)
+    for k in range(1, 100000):
+        path = hist / f"{k:03d}-{mode}.yaml"
+        try:
+            with open(path, "x", encoding="utf-8") as f:
+                f.write(OmegaConf.to_yaml(OmegaConf.create(record)))
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{hist}: too many history records")
+
+
 def run(argv: list[str] | None = None) -> int:
     args, extras = build_parser().parse_known_args(argv)
     bad = [e for e in extras if e.startswith("-")]
     if bad:
         raise ConfigError(f"unknown flag(s): {' '.join(bad)}; see --help (overrides look like key=value)")
+    check_overrides(extras)
+    check_config_file(args.config)
 
     from lift3d.registry import find, load_plugins
 
@@ -202,39 +388,51 @@ def run(argv: list[str] | None = None) -> int:
         load_plugins(root)
 
     cfg, raw, prov = load_experiment(args.config, extras, args.seed)
+    cfg.trainer.check(prov)
+    cfg.checkpoint.check(prov)
 
     import lightning.pytorch as pl
-    from omegaconf import OmegaConf
 
     from lift3d.utils.checkpoint import AtomicCheckpointIO, LastCheckpoint, Lift3DProgressBar
 
+    _quiet_lightning(args.verbose)
+    # Everything is checked before anything is written: a bad config, prompt, image or checkpoint
+    # leaves no folder behind, and a checkpoint that does not fit the config changes nothing.
     resume = Path(cfg.resume).expanduser() if cfg.resume else None
-    if resume is not None and not resume.is_file():
-        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
     if not args.train and resume is None:
         raise ConfigError("--validate, --test and --export load a checkpoint: add resume=path/to/ckpts/last.ckpt")
+    state = load_checkpoint_file(resume) if resume is not None else None
+    ckpt_trial = _checkpoint_trial_dir(resume) if resume is not None else None
+    if not is_trial_dir(ckpt_trial):
+        ckpt_trial = None  # a checkpoint from elsewhere: this run gets its own trial folder
 
-    trial = _checkpoint_trial_dir(resume) if resume is not None else None
-    if trial is None:
-        trial = trial_dir_for(cfg, time.strftime("%Y%m%d-%H%M%S"))
-    # Build everything before touching the disk: a config error leaves no empty trial folder.
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    system = find(cfg.system_type, "system")(cfg.system, cfg_key="system", prov=prov, seed=cfg.seed,
-                                             save_dir=trial / "save")
+    system = find(cfg.system_type, "system")(cfg.system, cfg_key="system", prov=prov, seed=cfg.seed)
     system.verbose = args.verbose
     stage_plan = [(start, dict(st.data)) for start, st in zip(system.stage_starts(), system.cfg.stages)]
     dm = find(cfg.data_type, "data")(cfg.data, cfg_key="data", prov=prov, seed=cfg.seed, stage_plan=stage_plan)
     if args.train:
-        system.check_data(dm)
+        system.check_training(dm)
+    if state is not None:
+        system.check_checkpoint(state, f"resume={resume}")
+    max_steps = system.total_steps or cfg.trainer.max_steps
+    if args.dry_run:
+        mode = next(m for m in ("train", "validate", "test", "export") if getattr(args, m))
+        print(f"[lift3d] dry run OK: {args.config} --{mode} ({cfg.system_type}, {len(system.stages)} stage(s), "
+              f"{max_steps} steps); nothing was written")
+        return 0
 
+    if ckpt_trial is not None:
+        trial = ckpt_trial
+    else:
+        trial = create_trial_dir(trial_dir_for(cfg, time.strftime("%Y%m%d-%H%M%S")))
+    system.save_dir = trial / "save"
     for sub in ("configs", "ckpts", "save", "logs"):
         (trial / sub).mkdir(parents=True, exist_ok=True)
-    if args.train:
-        (trial / "configs" / "raw.yaml").write_text(OmegaConf.to_yaml(raw, resolve=False))
-        parsed = resolve(raw, prov)
-        parsed["name"] = cfg.name
-        parsed["resume"] = None
-        (trial / "configs" / "parsed.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(parsed)))
+    data = resolve(raw, prov)
+    data["name"] = cfg.name
+    _record_configs(trial, raw, data, args, extras, new_trial=ckpt_trial is None, resume=resume,
+                    step=int(state.get("global_step", 0)) if state is not None else None)
 
     accelerator = pick_accelerator(args.device)
     devices: Any = "auto"
@@ -247,7 +445,6 @@ def run(argv: list[str] | None = None) -> int:
         accelerator = "gpu"
     elif accelerator == "cpu":
         devices = 1
-    max_steps = system.total_steps or cfg.trainer.max_steps
     ckpt_cb = LastCheckpoint(trial / "ckpts", cfg.checkpoint.every_n_train_steps, cfg.checkpoint.keep_all)
     import importlib.util
 
@@ -285,35 +482,35 @@ def run(argv: list[str] | None = None) -> int:
     )
     ckpt_path = str(resume) if resume is not None else None
     print(f"[lift3d] trial folder: {trial}")
-    if args.train:
-        trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-        if ckpt_cb.interrupted:
-            print(f"[lift3d] interrupted: continue with resume={ckpt_cb.last_path}")
-            return 130
-        trainer.test(system, datamodule=dm, verbose=False, weights_only=True)
-        _export(system, trial)
-    elif args.validate:
-        trainer.validate(system, datamodule=dm, ckpt_path=ckpt_path, verbose=False, weights_only=True)
-        print(f"[lift3d] validation images in {trial / 'save'}")
-    elif args.test:
-        trainer.test(system, datamodule=dm, ckpt_path=ckpt_path, verbose=False, weights_only=True)
-    elif args.export:
-        ckpt = AtomicCheckpointIO().load_checkpoint(resume)
-        system.on_load_checkpoint(ckpt)
-        system.load_state_dict(ckpt["state_dict"])
-        system.eval()
-        _export(system, trial, step=int(ckpt.get("global_step", 0)))
+    try:
+        if args.train:
+            trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+            if ckpt_cb.interrupted:
+                print(f"[lift3d] interrupted: continue with resume={ckpt_cb.last_path}")
+                return 130
+            trainer.test(system, datamodule=dm, verbose=False, weights_only=True)
+            _export(system, trial)
+        elif args.validate:
+            trainer.validate(system, datamodule=dm, ckpt_path=ckpt_path, verbose=False, weights_only=True)
+            print(f"[lift3d] validation images in {trial / 'save'}")
+        elif args.test:
+            trainer.test(system, datamodule=dm, ckpt_path=ckpt_path, verbose=False, weights_only=True)
+        elif args.export:
+            system.eval()
+            _export(system, trial)
+    except OSError as exc:
+        raise _io_failure(exc, trial / "ckpts") from exc
     return 0
 
 
-def _export(system: Any, trial: Path, step: int | None = None) -> None:
-    step = system.global_step if step is None else step
-    out = system.export(trial / "save" / f"it{step}-export")
+def _export(system: Any, trial: Path) -> None:
+    out = system.export(trial / "save" / f"it{system.output_step}-export")
     for kind, path in out.items():
         print(f"[lift3d] exported {kind}: {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lift3d.exporters.base import IncompleteExportError
     from lift3d.geometry.base import IsosurfaceError
     from lift3d.registry import PluginImportError, RegistryError
     from lift3d.systems.base import NonFiniteLossError
@@ -326,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         code = 2
-    except (NonFiniteLossError, IsosurfaceError) as exc:
+    except (NonFiniteLossError, IsosurfaceError, IncompleteExportError, RunIOError) as exc:
         if verbose:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

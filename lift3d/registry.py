@@ -407,14 +407,36 @@ def import_submodules(package: str) -> None:
 # Plugins
 
 
+class ExtensionPathError(PluginImportError):
+    """A folder named in $LIFT3D_EXTENSIONS does not exist or is not a folder.
+
+    Skipping it would hide a typo until the plugin's names turn up missing, far from the cause.
+    """
+
+
 def extension_dirs(root: str | os.PathLike | None = None) -> list[Path]:
-    """Folders searched for plugins: ``<root>/extensions`` then each folder in $LIFT3D_EXTENSIONS."""
+    """Folders searched for plugins: ``<root>/extensions`` then each folder in $LIFT3D_EXTENSIONS.
+
+    ``<root>/extensions`` is optional; every folder the variable names must exist
+    (:class:`ExtensionPathError` otherwise). Empty entries (``a::b``, a trailing separator) are skipped.
+    """
     dirs: list[Path] = []
     if root is not None:
         dirs.append(Path(root) / "extensions")
-    for part in os.environ.get(EXTENSIONS_ENV, "").split(os.pathsep):
-        if part.strip():
-            dirs.append(Path(part).expanduser())
+    value = os.environ.get(EXTENSIONS_ENV, "")
+    for part in value.split(os.pathsep):
+        if not part.strip():
+            continue
+        folder = Path(part).expanduser()
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            shown = repr(str(folder)) + ("" if folder.is_absolute() else f" ({folder.resolve()})")
+            raise ExtensionPathError(
+                f"${EXTENSIONS_ENV} names the plugin folder {shown}, which {what} "
+                f"(${EXTENSIONS_ENV}={value!r}). Set it to existing folders separated by {os.pathsep!r}, "
+                "or unset it"
+            )
+        dirs.append(folder)
     return dirs
 
 

@@ -177,3 +177,16 @@ def tiny_recipe(tmp_path):
     p = tmp_path / "tiny.yaml"
     p.write_text(TINY_RECIPE)
     return p
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """The registry as the built-ins leave it, restored afterwards: for tests that load plugin folders."""
+    from lift3d import registry
+
+    monkeypatch.setattr(registry, "_loaded_plugin_paths", set())
+    registry._ensure_builtin_modules()
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)

@@ -97,18 +97,19 @@ def sample_light_positions(cfg: RandomCameraConfig, cams: dict, g: torch.Generat
     )
 
 
-def check_view_groups(cfg: RandomCameraConfig, key: str = "data", where: str = "") -> None:
+def check_view_groups(cfg: RandomCameraConfig, key: str = "data", where: Any = "") -> None:
     """Raise ConfigError unless ``cfg.batch_size`` is a positive multiple of ``cfg.n_views``.
 
-    ``key`` is the config path of ``cfg`` (``data``, ``system.stages[1].data``) and ``where`` a
-    provenance note, both for the message.
+    ``key`` is the config path of ``cfg`` (``data``, ``system.stages[1].data``); ``where`` a
+    provenance note, or a function of the full key path giving one, for the message.
     """
+    note = where if callable(where) else (lambda _k: where)
     if cfg.n_views < 1:
-        raise ConfigError(f"config key '{key}.n_views'{where}: must be >= 1 (1: independent cameras, "
+        raise ConfigError(f"config key '{key}.n_views'{note(f'{key}.n_views')}: must be >= 1 (1: independent cameras, "
                           f"4: MVDream's view sets), got {cfg.n_views}")
     if cfg.batch_size < 1 or cfg.batch_size % cfg.n_views != 0:
         raise ConfigError(
-            f"config key '{key}.batch_size'{where} is {cfg.batch_size}, which is not a positive multiple of "
+            f"config key '{key}.batch_size'{note(f'{key}.batch_size')} is {cfg.batch_size}, which is not a positive multiple of "
             f"'{key}.n_views' = {cfg.n_views}: a batch is made of whole view groups; use batch_size "
             f"{cfg.n_views}, {2 * cfg.n_views}, ... or change n_views"
         )
@@ -213,8 +214,7 @@ class RandomCameraDataModule(Configurable, pl.LightningDataModule):
 
     def check_config(self, cfg: RandomCameraConfig, key: str) -> None:
         """Checks across fields, run at construction on the base config and every stage's."""
-        where = self._prov.describe(f"{key}.n_views") if self._prov else ""
-        check_view_groups(cfg, key, where)
+        check_view_groups(cfg, key, self._prov.describe if self._prov else "")
 
     def cfg_at(self, step: int) -> RandomCameraConfig:
         cfg = self.cfg

@@ -15,6 +15,12 @@ from the geometry's config fields of the same name.
 Changing the set replaces every parameter with a new ``nn.Parameter``; the optimizer is updated
 in place: the group holding the old parameter (found by identity) gets the new one and the
 per-element state (Adam's ``exp_avg``, ``exp_avg_sq``) is masked or extended with zeros.
+
+What a strategy gathers between passes (its dataclass fields declared with ``init=False``, such as
+the default strategy's gradient sums) decides what the next pass does, so it travels with the
+geometry's checkpoint: ``state_dict()`` returns those fields (tensors and plain values only, so a
+``weights_only`` load reads them) and ``load_state_dict()`` puts them back. A plugin strategy gets
+this for free by declaring its running state the same way.
 """
 
 from __future__ import annotations
@@ -117,6 +123,30 @@ def append_rows(model: nn.Module, optimizer: torch.optim.Optimizer | None, extra
 # Strategies
 
 
+def _state_value(value: Any) -> Any:
+    """A copy of one piece of running state that a ``weights_only`` checkpoint load accepts."""
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return [_state_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _state_value(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"strategy state of type {type(value).__name__} cannot go into a checkpoint loaded with "
+                    "weights_only=True; keep running state in tensors, numbers, strings, lists and dicts")
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
 @register_strategy("none")
 @dataclass
 class NoStrategy:
@@ -124,6 +154,21 @@ class NoStrategy:
 
     def reset_stats(self, model: Any) -> None:
         pass
+
+    def state_names(self) -> list[str]:
+        """The fields that hold running state: those the config does not set (``init=False``)."""
+        return [f.name for f in fields(self) if not f.init]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the running state, for the geometry's checkpoint."""
+        return {name: _state_value(getattr(self, name)) for name in self.state_names()}
+
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        """Restore what :meth:`state_dict` returned, on ``model``'s device; names this strategy lacks are ignored."""
+        device = model.xyz.device
+        for name in self.state_names():
+            if name in state:
+                setattr(self, name, _to_device(state[name], device))
 
     def step_post_backward(self, model: Any, render_out: dict, step: int) -> None:
         pass
@@ -161,9 +206,30 @@ class DefaultStrategy(NoStrategy):
         self.denom = torch.zeros(n, device=dev)
         self.max_radii = torch.zeros(n, device=dev)
 
+    STAT_NAMES = ("grad_accum", "denom", "max_radii")
+
     def _stats_ok(self, model: Any) -> bool:
-        g = self.grad_accum
-        return g is not None and g.shape[0] == model.xyz.shape[0] and g.device == model.xyz.device
+        """Whether the statistics describe ``model``'s current Gaussians (moved to its device if needed)."""
+        n, dev = model.xyz.shape[0], model.xyz.device
+        stats = [getattr(self, name) for name in self.STAT_NAMES]
+        if any(t is None or t.shape != (n,) for t in stats):
+            return False
+        if any(t.device != dev for t in stats):
+            # Loaded from a checkpoint before the model moved to its device: the numbers still hold.
+            for name, t in zip(self.STAT_NAMES, stats):
+                setattr(self, name, t.to(dev))
+        return True
+
+    def load_state_dict(self, state: dict[str, Any], model: Any) -> None:
+        super().load_state_dict(state, model)
+        n = model.xyz.shape[0]
+        for name in self.STAT_NAMES:
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (n,):
+                raise ValueError(
+                    f"gaussian-splatting: the checkpoint's densification statistic {name!r} covers {t.shape[0]} "
+                    f"Gaussians but the checkpoint holds {n}; the checkpoint is inconsistent"
+                )
 
     def step_post_backward(self, model: Any, render_out: dict, step: int) -> None:
         if step >= self.densify_until_iter:

@@ -17,6 +17,7 @@ the Gaussians into a mesh as DreamGaussian does: marching cubes on their summed 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -36,6 +37,9 @@ from lift3d.registry import register
 from lift3d.utils.gaussian_math import covariance_3d, eval_sh, inverse_sigmoid, num_sh_bases, rgb_to_sh, sh_to_rgb
 from lift3d.utils.gaussian_ply import read_gaussian_ply, read_ply_vertices, write_gaussian_ply
 from lift3d.utils.mesh import Mesh
+
+#: Where ``nn.Module`` keeps ``get_extra_state()`` in a state dict (after the module's prefix).
+EXTRA_STATE_KEY = "_extra_state"
 
 # ---------------------------------------------------------------------------------------------
 # Blockwise sums over nearby Gaussians (isosurface density, export colours)
@@ -352,8 +356,22 @@ class GaussianModel(BaseGeometry):
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """The strategy's running state (view-space gradient sums, view counts, largest radii): it decides
+        which Gaussians the next densify pass clones, splits and prunes, so a resumed run needs it to
+        continue as the uninterrupted one would. Tensors and strings only: loads with ``weights_only``."""
+        return {"strategy": self.cfg.strategy, "state": self.strategy.state_dict()}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("strategy") != self.cfg.strategy:
+            if isinstance(state, dict):
+                warnings.warn(f"gaussian-splatting: the checkpoint's densification state belongs to strategy "
+                              f"{state.get('strategy')!r}, this geometry uses {self.cfg.strategy!r}; starting afresh")
+            self.strategy.reset_stats(self)
+            return
+        self.strategy.load_state_dict(state.get("state") or {}, self)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        resized = False
         for name in PARAM_NAMES:
             key = prefix + name
             if key in state_dict:
@@ -362,9 +380,14 @@ class GaussianModel(BaseGeometry):
                 if tuple(cur.shape) != tuple(new_shape):
                     # The count changes in training: adopt the checkpoint's shape before copying.
                     setattr(self, name, nn.Parameter(cur.new_empty(new_shape), requires_grad=cur.requires_grad))
-                    resized = True
+        extra_key = prefix + EXTRA_STATE_KEY
+        has_extra = extra_key in state_dict
+        n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if resized:
+        if not has_extra:
+            # Written before the densification state was saved: the Gaussians load, their statistics
+            # restart from zero (what loading did before), and a strict load does not fail on the key.
+            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != extra_key]
             self.strategy.reset_stats(self)
 
     # -- mesh export -----------------------------------------------------------------------------------

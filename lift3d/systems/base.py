@@ -128,6 +128,71 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
                         f"{parsed['geometry'][0].registry_name!r} in stage '{self.stages[idx].name}' has none "
                         "(use gaussian-splatting)")
 
+    def check_training(self, datamodule: Any) -> None:
+        """Everything a training run needs beyond the config's shape, checked before any folder is made:
+        the data yields what the guidances read, and the prompt processor accepts the prompt (building
+        it is cheap: encoders load when embeddings are first asked for)."""
+        self.check_data(datamodule)
+        self.check_optimizer_config()
+        self.prompt_processor  # noqa: B018
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Load ``checkpoint`` into this system, or raise a ConfigError naming what does not fit.
+
+        Run before a resumed run writes anything, so a checkpoint of another recipe (another system,
+        stage layout, geometry or parameter shape) cannot leave a trial folder half rewritten.
+        """
+        info = checkpoint.get("lift3d")
+        if not isinstance(info, dict):
+            raise ConfigError(f"{source}: a Lightning checkpoint without lift3d's record (stage, guidance states); "
+                              "only checkpoints written by a lift3d run can be resumed or exported")
+        mine = getattr(type(self), "registry_name", type(self).__name__)
+        if info.get("system_type") not in (None, mine):
+            raise ConfigError(f"{source} was written by system {info['system_type']!r}, but the config builds "
+                              f"{mine!r}: pass the recipe it was trained with (its trial's configs/parsed.yaml)")
+        names = [s.name for s in self.stages]
+        if info.get("stage_names") is not None and list(info["stage_names"]) != names:
+            raise ConfigError(f"{source} has stages {list(info['stage_names'])} but the config has {names}: pass the "
+                              "recipe it was trained with (its trial's configs/parsed.yaml)")
+        step = int(checkpoint.get("global_step", 0))
+        idx = int(info.get("stage_index", 0))
+        if self.cfg.stages and idx < len(names):
+            # A save at a stage's last step is still in that stage: the switch happens at the next step.
+            expected = self.stage_at(step)
+            if idx not in (expected, self.stage_at(max(step - 1, 0))):
+                raise ConfigError(
+                    f"{source} is at step {step} in stage '{names[idx]}', but with this config's stage lengths "
+                    f"({', '.join(f'{s.name}: {s.steps}' for s in self.stages)}) step {step} falls in stage "
+                    f"'{names[expected]}'; keep the earlier stages' steps as they were trained")
+        try:
+            self.on_load_checkpoint(checkpoint)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        ours = self.state_dict()
+        theirs = checkpoint["state_dict"]
+        missing = [k for k in ours if k not in theirs]
+        unexpected = [k for k in theirs if k not in ours]
+        if missing or unexpected:
+            def few(keys: list[str]) -> str:
+                return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+            parts = ([f"parameters the config has but the checkpoint lacks: {few(missing)}"] if missing else []) + \
+                    ([f"parameters in the checkpoint the config does not have: {few(unexpected)}"] if unexpected else [])
+            raise ConfigError(f"{source} does not fit this config ({'; '.join(parts)}): was it trained with "
+                              "another recipe? Pass that recipe (its trial's configs/parsed.yaml)")
+        try:
+            self.load_state_dict(theirs, strict=True)
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+            detail = "; ".join(lines[:4]) or str(exc).splitlines()[0]
+            raise ConfigError(f"{source} does not fit this config: {detail}; was it trained with other settings "
+                              "(resolution, grid size, network width)? Pass that recipe") from None
+
+    @property
+    def output_step(self) -> int:
+        """The step that names output folders (``it<step>-test``): the training step, or the loaded
+        checkpoint's step when rendering or exporting one outside training."""
+        return max(int(self.global_step), int(self.__dict__.get("_loaded_step", 0)))
+
     def check_data(self, datamodule: Any) -> None:
         """Check at start-up that the data module yields what the guidances read."""
         provides_ref = bool(getattr(datamodule, "provides_reference", False))
@@ -282,7 +347,7 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
         from lift3d.utils.io import save_image_grid
 
         out = self(batch)
-        save_image_grid(self._save_path(f"it{self.global_step}-val", f"{batch['index']}.png"), [self._panels(out)])
+        save_image_grid(self._save_path(f"it{self.output_step}-val", f"{batch['index']}.png"), [self._panels(out)])
 
     def on_test_epoch_start(self) -> None:
         self._test_frames = []
@@ -292,14 +357,14 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
 
         out = self(batch)
         frame = image_grid([self._panels(out)])
-        save_image(self._save_path(f"it{self.global_step}-test", f"{batch['index']:03d}.png"), frame)
+        save_image(self._save_path(f"it{self.output_step}-test", f"{batch['index']:03d}.png"), frame)
         self._test_frames.append(frame)
 
     def on_test_epoch_end(self) -> None:
         from lift3d.utils.io import write_video
 
         if self._test_frames:
-            path = self._save_path(f"it{self.global_step}-test.mp4")
+            path = self._save_path(f"it{self.output_step}-test.mp4")
             write_video(path, self._test_frames, fps=30)
             self.print(f"[lift3d] turntable video: {path}")
         self._test_frames = []
@@ -308,12 +373,18 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
         exporter = find(self.cfg.exporter_type, "exporter")(
             self.cfg.exporter, cfg_key=f"{self._cfg_key}.exporter", prov=self._prov
         )
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
-            return exporter.export(self.geometry, self.material, out_dir)
+            return exporter.export_checked(self.geometry, self.material, Path(out_dir), renderer=self.renderer)
 
     # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter a checkpoint holds: the system's and the trainable guidances' (VSD's LoRA),
+        which the checkpoint callback checks for divergence before it writes."""
+        out = list(self.named_parameters())
+        for name, g in self._guidances.items():
+            out += [(f"guidance:{name}.{n}", p) for n, p in g.named_parameters() if p.requires_grad]
+        return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only guidances with trainable state (VSD's LoRA) are saved; frozen priors never are.
@@ -322,6 +393,8 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
             if any(p.requires_grad for p in g.parameters()):
                 states[name] = dict(g.state_dict())
         checkpoint["lift3d"] = {
+            "system_type": getattr(type(self), "registry_name", type(self).__name__),
+            "stage_names": [s.name for s in self.stages],
             "stage_index": self.stage_index,
             "stage_name": self.stage.name,
             "guidance_states": states,
@@ -348,6 +421,7 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
             else:  # applied when the guidance is built (only training builds it)
                 self._pending_guidance_states[name] = state
         step = int(checkpoint.get("global_step", 0))
+        self.__dict__["_loaded_step"] = step
         self.do_update_step(int(checkpoint.get("epoch", 0)), step, on_load_weights=True)
 
     def on_fit_start(self) -> None:

@@ -20,10 +20,7 @@ from lift3d.guidance.base import CameraBatch, GuidanceInput
 from lift3d.registry import RegistryError, find, registered
 from lift3d.systems.regularizers import SUFFIX, registry_name
 from lift3d.systems.stages import MAIN_GUIDANCE
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term or gradient became NaN or Inf; training stops instead of learning garbage."""
+from lift3d.utils.checkpoint import LastCheckpoint, NonFiniteLossError, describe_parameter, diverged_parameter
 
 
 class TrainingStepMixin:
@@ -98,9 +95,12 @@ class TrainingStepMixin:
         step = self.global_step
         idx = self.stage_at(step)
         if idx != self.stage_index:
+            # A conversion draws random numbers too (the new geometry's initial weights): from (seed, step)
+            # alone, so a run resumed right at the switch converts as the uninterrupted one did.
+            self._seed_step(step, salt=1)
             self.enter_stage(idx, convert=True)
         # Noise and any other randomness depend on (seed, step) only: resume replays them exactly.
-        torch.manual_seed((self.seed * 1_000_003 + step * 7_919 + self.global_rank * 104_729 + 17) % (2**63 - 1))
+        self._seed_step(step)
         self.do_update_step(self.current_epoch, step)
         opt = self.optimizers()
         self.apply_lr_schedules(opt.optimizer, step)
@@ -145,18 +145,47 @@ class TrainingStepMixin:
                                            self.cfg.grad_clip)
         opt.step()
         self._call_hook("post_optimizer_step", opt.optimizer)
+        if self.cfg.check_finite:
+            # A learning rate that jumps (a schedule gone wrong) sends parameters to Inf or far beyond any
+            # sane value with finite gradients; stop here, before a checkpoint could be taken of them.
+            bad = diverged_parameter(self._trainable_named_parameters())
+            if bad is not None:
+                self._raise_diverged(step, opt.optimizer, *bad)
         self.log("train/loss", total.detach(), prog_bar=True)
         for k, v in self._diagnostics.items():
             if torch.is_tensor(v) and v.numel() == 1:
                 self.log(f"train/{k}", v.detach().float())
         return total.detach()
 
+    def _seed_step(self, step: int, salt: int = 0) -> None:
+        """Seed every device's global generator from (seed, step, rank, salt)."""
+        torch.manual_seed((self.seed * 1_000_003 + step * 7_919 + self.global_rank * 104_729 + 17 + salt * 65_537)
+                          % (2**63 - 1))
+
+    def _good_checkpoint(self, before_step: int) -> str:
+        """The checkpoint an error should send the user to: saved before global step ``before_step``."""
+        trainer = self._trainer
+        for cb in (trainer.callbacks if trainer is not None else []):
+            if isinstance(cb, LastCheckpoint):
+                return cb.describe_good(before_step)
+        return self.last_checkpoint or "none saved yet"
+
     def _raise_non_finite(self, step: int, what: str, value: Tensor) -> None:
-        last = self.last_checkpoint or "none saved yet"
+        # The parameters this step started from gave the value: a checkpoint of them is no way back.
         raise NonFiniteLossError(
             f"non-finite {what} at step {step} (stage '{self.stage.name}'): {value.detach().flatten()[:4].tolist()}. "
-            f"Training stopped before applying it. Last good checkpoint: {last}. Lower the learning rate, "
-            "check the loss weights, or resume from that checkpoint."
+            f"Training stopped before applying it. Last good checkpoint: {self._good_checkpoint(step)}. "
+            "Lower the learning rate or check the loss weights, then resume from that checkpoint if there is one."
+        )
+
+    def _raise_diverged(self, step: int, optimizer: Any, name: str, p: Tensor) -> None:
+        group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), None)
+        lr = "" if group is None else f" (learning rate of group {group.get('name', '?')!r}: {group['lr']:.3g})"
+        raise NonFiniteLossError(
+            f"{describe_parameter(name, p)} after the optimizer step of step {step} (stage '{self.stage.name}')"
+            f"{lr}. Training stopped; no checkpoint holds these values. Last good checkpoint: "
+            f"{self._good_checkpoint(step + 1)}. Lower the learning rate (check its schedule), then resume from "
+            "that checkpoint if there is one."
         )
 
 

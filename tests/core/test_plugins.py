@@ -16,14 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "extensions" / "lift3d_example_guidance"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_plugin_state(monkeypatch):
-    monkeypatch.setattr(registry, "_loaded_plugin_paths", set())
-    registry._ensure_builtin_modules()
-    saved = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
+pytestmark = pytest.mark.usefixtures("fresh_plugins")
 
 
 def test_plugin_folder_from_env_is_discovered(tmp_path, monkeypatch):
