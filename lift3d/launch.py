@@ -95,6 +95,10 @@ class ExperimentConfig:
     """The text prompt (recipes interpolate ${prompt} where their prompt processor reads it)."""
     image: Optional[str] = None
     """Input image path for image-conditioned recipes."""
+    sd_model: str = ""
+    """Stable Diffusion weights (a folder or a Hugging Face id) for recipes that interpolate ``${sd_model}``."""
+    if_model: str = ""
+    """DeepFloyd IF stage I weights (a folder or a Hugging Face id) for recipes that interpolate ``${if_model}``."""
     resume: Optional[str] = None
     """Checkpoint to continue from (training) or to load (validate/test/export)."""
     data_type: str = "random-camera-datamodule"
