@@ -190,3 +190,15 @@ def fresh_plugins(monkeypatch):
     yield
     registry._REGISTRY.clear()
     registry._REGISTRY.update(saved)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: weights come from disk or not at all."""
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError("tried the network")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)

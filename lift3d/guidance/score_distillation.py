@@ -168,7 +168,19 @@ class DiffusionGuidance(BaseGuidance):
 
     @classmethod
     def missing_weights(cls, cfg: Any) -> str | None:
-        """Why the weights ``cfg`` names cannot be loaded here (None when they can), without loading them."""
+        """Why the weights ``cfg`` names cannot be loaded here (None when they can), without loading them.
+
+        A guidance with a ``resolve(cfg)`` classmethod (the folder of its weights, or a
+        MissingWeightsError) gets this from it."""
+        resolve = getattr(cls, "resolve", None)
+        if resolve is None:
+            return None
+        from lift3d.utils.hub import MissingWeightsError
+
+        try:
+            resolve(cfg)
+        except MissingWeightsError as exc:
+            return str(exc)
         return None
 
     def build_prior(self) -> DiffusionPrior:

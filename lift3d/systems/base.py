@@ -134,7 +134,30 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
         it is cheap: encoders load when embeddings are first asked for)."""
         self.check_data(datamodule)
         self.check_optimizer_config()
+        self.check_weights()
         self.prompt_processor  # noqa: B018
+
+    def check_weights(self) -> None:
+        """Every guidance (each stage's) and the prompt processor find their pretrained weights on this
+        machine; a MissingWeightsError naming the key, the id and the download command otherwise."""
+        from lift3d.utils.hub import MissingWeightsError
+
+        slots = [("prompt-processor", self.cfg.prompt_processor_type, self.cfg.prompt_processor,
+                  f"{self._cfg_key}.prompt_processor")]
+        for idx in range(len(self.stages)):
+            slots += [("guidance", spec.type, spec.config, spec.key) for spec in self.guidance_specs(idx).values()]
+        for category, typ, conf, key in slots:
+            cls, cfg = self._parse_slot(category, typ, conf, key)
+            check = getattr(cls, "missing_weights", None)
+            msg = check(cfg) if callable(check) else None
+            if msg:
+                via = getattr(self._prov, "_via", {}) if self._prov is not None else {}
+                tops = sorted({v for k, v in via.items() if k.startswith(key + ".") and "." not in v
+                               and repr(getattr(cfg, k[len(key) + 1:], None)) in msg})
+                if tops:  # ``pretrained_model_name_or_path: ${if_model}``: say which key to change
+                    msg += (f" The recipe takes it from the top-level key {', '.join(tops)}: "
+                            f"{tops[0]}=/path/to/folder on the command line redirects every module that reads it.")
+                raise MissingWeightsError(msg)
 
     def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
         """Load ``checkpoint`` into this system, or raise a ConfigError naming what does not fit.

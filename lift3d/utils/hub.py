@@ -38,7 +38,12 @@ def hub_cache_dir() -> Path:
     """The Hugging Face hub cache as huggingface_hub resolves it (``HF_HUB_CACHE``, ``HF_HOME``/hub, ...)."""
     from huggingface_hub import constants
 
-    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE).expanduser()
+    # Read the environment now, not at huggingface_hub's import: a launcher or test may set it later.
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE).expanduser()
 
 
 def download_command(repo_id: str, revision: str | None = None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import runpy
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -28,7 +30,15 @@ def _tiny_toyworld_prior(tmp_path: Path) -> dict:
 
 
 #: A tiny random model per prior family: the config overrides that make a guidance of that family use it.
-TINY_PRIORS = {"toyworld": _tiny_toyworld_prior}
+TINY_PRIORS = {
+    "toyworld": _tiny_toyworld_prior,
+    # loaded by path: tests/guidance is not on sys.path when this file runs alone
+    "stable-diffusion": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_sd.py"))["smoke_overrides"](tmp),
+    "deepfloyd": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_if.py"))["tiny_if_prior"](tmp),
+}
+
+#: ``${sd_model}``: a guidance setting taken from a top-level key of the recipe.
+_TOP_KEY = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _guidance_slots(system: dict) -> list[dict]:
@@ -49,10 +59,15 @@ def _tiny_models_where_weights_are_missing(raw: dict, tmp_path: Path) -> None:
         if not issubclass(cls, DiffusionGuidance):
             continue
         conf = slot.get("guidance") or {}
-        if any(isinstance(v, str) and "${" in v for v in conf.values()):
+        top = {k: m.group(1) for k, v in conf.items()
+               if isinstance(v, str) and (m := _TOP_KEY.fullmatch(v)) and m.group(1) in raw}
+        if any(isinstance(v, str) and "${" in v for k, v in conf.items() if k not in top):
             continue  # it names another slot's weights, which that slot's check covers
-        if cls.missing_weights(parse_structured(cls.Config, conf)) is not None:
-            slot["guidance"] = {**conf, **TINY_PRIORS[cls.prior_family](tmp_path)}
+        seen = {**conf, **{k: raw[name] for k, name in top.items()}}
+        if cls.missing_weights(parse_structured(cls.Config, seen)) is not None:
+            tiny = TINY_PRIORS[cls.prior_family](tmp_path)
+            raw.update({top[k]: v for k, v in tiny.items() if k in top})  # sd_model=: every reader follows
+            slot["guidance"] = {**conf, **{k: v for k, v in tiny.items() if k not in top}}
 
 
 def _input_image_if_needed(raw: dict, tmp_path: Path) -> None:
@@ -104,3 +119,13 @@ def test_guidances_without_their_weights_get_a_tiny_model_of_their_family(tmp_pa
     assert raw["system"]["guidance"]["pretrained"] == tiny  # missing: replaced
     assert raw["system"]["stages"][0]["guidance"] == {}  # the shipped weights are there: kept
     assert raw["system"]["guidances"]["ref"] == {"guidance_type": "reference-image-guidance"}  # no prior at all
+
+
+def test_a_recipe_level_model_key_moves_every_reader_to_the_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    raw = {"sd_model": "owner/absent", "system": {"guidance_type": "stable-diffusion-guidance",
+           "guidance": {"pretrained_model_name_or_path": "${sd_model}"},
+           "prompt_processor": {"pretrained_model_name_or_path": "${sd_model}"}}}
+    _tiny_models_where_weights_are_missing(raw, tmp_path)
+    assert raw["sd_model"] == str(tmp_path / "tiny-sd")
+    assert raw["system"]["guidance"] == {"pretrained_model_name_or_path": "${sd_model}"}

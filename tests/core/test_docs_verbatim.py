@@ -24,6 +24,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 import warnings
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ NOT_RUN = {
     "make demo": "it trains for a minute; `make -n demo` gives its launch.py command, which is dry-run",
     "make setup": "it installs torch; `make -n setup` checks it creates the .venv the docs activate",
     "source .venv/bin/activate": "it changes the reader's shell; checked against what `make setup` creates",
+    "hf download": "it downloads gigabytes; checked: the `hf` command exists beside this Python (huggingface_hub "
+                   "installs it), takes `download`, and the id is one a shipped recipe reads",
 }
 
 
@@ -191,7 +194,21 @@ class DocRunner:
             if setup is not None and not re.search(r"-m venv \.venv\b", setup):
                 self.fail(b, "`source .venv/bin/activate`: `make setup` does not create .venv: " + setup)
             return None
+        if argv[:2] == ["hf", "download"]:
+            return self.hf_download(b, argv)
         self.fail(b, f"`{cmd}`: this test does not know how to check it (add a handler, or a NOT_RUN reason)")
+
+    def hf_download(self, b: Block, argv: list[str]) -> None:
+        hf = Path(sys.executable).with_name("hf")
+        if not hf.is_file():
+            return self.fail(b, f"`{' '.join(argv)}`: no `hf` command beside {sys.executable}")
+        proc = subprocess.run([str(hf), "download", "--help"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return self.fail(b, f"`hf download --help` failed: {proc.stderr.strip()[:200]}")
+        repo_id = argv[2] if len(argv) > 2 else ""
+        recipes = "\n".join(p.read_text() for p in (REPO / "configs").glob("*.yaml"))
+        if not repo_id or repo_id not in recipes:
+            self.fail(b, f"`{' '.join(argv)}`: no recipe in configs/ reads {repo_id!r}")
 
     def _make_n(self, b: Block, args: list[str]) -> str | None:
         if shutil.which("make") is None:

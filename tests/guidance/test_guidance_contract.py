@@ -16,7 +16,9 @@ from lift3d.config import ConfigError
 from lift3d.guidance.base import CameraBatch, GuidanceInput, GuidanceOutput
 from lift3d.registry import builtin_index, find
 from lift3d.utils.cameras import make_cameras
-from tiny_prior import weights  # noqa: F401  (the fixture)
+from tiny_prior import weights as toyworld_weights  # noqa: F401  (fixtures, requested by family below)
+from tiny_if import tiny_if, tiny_if_prompt_utils  # noqa: F401
+from tiny_sd import tiny_sd  # noqa: F401
 
 RES = 16  # renders and the tiny prior's resolution
 
@@ -29,6 +31,30 @@ class Case:
     noise_shape: tuple[int, ...] | None = (3, RES, RES)
     """Per-view shape of the noise the guidance takes (None: it takes none)."""
     extra: dict = field(default_factory=dict)
+    family: str = "toyworld"
+    """The prior family: which tiny model (FAMILY_WEIGHTS) and prompt processor (FAMILY_PROMPTS) it gets."""
+
+
+#: The fixture that makes each family's tiny model, and the prompt processor its guidances read.
+FAMILY_WEIGHTS = {"toyworld": "toyworld_weights", "stable-diffusion": "tiny_sd", "deepfloyd": "tiny_if"}
+FAMILY_PROMPTS = {
+    "toyworld": lambda prompt, w: find("toyworld-prompt-processor")({"prompt": prompt})(),
+    "stable-diffusion": lambda prompt, w: find("stable-diffusion-prompt-processor")(
+        {"prompt": prompt, "pretrained_model_name_or_path": str(w), "use_cache": False})(),
+    "deepfloyd": lambda prompt, w: tiny_if_prompt_utils(prompt, w),
+}
+
+
+@pytest.fixture
+def weights(request, name):
+    """The tiny model of the case's family."""
+    return request.getfixturevalue(FAMILY_WEIGHTS[CASES[name].family])
+
+
+def prompt_of(name: str, weights_path: Any) -> Any:
+    """The case's prompt through its family's prompt processor."""
+    case = CASES[name]
+    return FAMILY_PROMPTS[case.family](case.prompt, weights_path)
 
 
 CASES = {
@@ -37,6 +63,13 @@ CASES = {
     "toyworld-refine-guidance": Case(lambda w: {"pretrained": str(w), "strength": 0.4, "n_steps": 2}),
     "toyworld-reference-guidance": Case(lambda w: {"max_steps": 24}, noise_shape=None),
     "reference-image-guidance": Case(lambda w: {}, noise_shape=None),
+    "stable-diffusion-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "guidance_scale": 7.5,
+                                                 "half_precision_weights": False},
+                                      noise_shape=(4, 8, 8), family="stable-diffusion"),
+    # IF works at its UNet's size (8 for the tiny model) on T5 states; float32 so CPU and CUDA compare.
+    "deepfloyd-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "guidance_scale": 5.0,
+                                          "half_precision_weights": False},
+                               noise_shape=(3, 8, 8), family="deepfloyd"),
 }
 
 
@@ -44,7 +77,7 @@ def builtin_guidances() -> list[str]:
     return sorted(n for n, e in builtin_index().names.items() if e.module.startswith("lift3d.guidance."))
 
 
-def make_input(prompt: str, groups: int = 1, n_views: int = 2, dtype: torch.dtype = torch.float32,
+def make_input(prompt: Any, groups: int = 1, n_views: int = 2, dtype: torch.dtype = torch.float32,
                seed: int = 0) -> GuidanceInput:
     """Every field a guidance may read, for ``groups`` groups of ``n_views`` views (B = groups * n_views)."""
     from lift3d.prompts.toyworld import ToyWorldPromptProcessor
@@ -62,7 +95,8 @@ def make_input(prompt: str, groups: int = 1, n_views: int = 2, dtype: torch.dtyp
     mask = (torch.rand(1, RES, RES, 1, generator=g) > 0.5).to(dtype)
     return GuidanceInput(
         cameras=CameraBatch.from_batch(batch), rgb=leaf(B, RES, RES, 3), opacity=leaf(B, RES, RES, 1),
-        normal=leaf(B, RES, RES, 3), prompt=ToyWorldPromptProcessor({"prompt": prompt})(),
+        normal=leaf(B, RES, RES, 3),
+        prompt=ToyWorldPromptProcessor({"prompt": prompt})() if isinstance(prompt, str) else prompt,
         cond_image=torch.rand(1, RES, RES, 3, generator=g).to(dtype) * mask, cond_mask=mask,
         cond_cameras=CameraBatch.from_batch(ref), extras=batch)
 
@@ -98,7 +132,7 @@ def test_config_is_strict(name, weights):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_returns_named_finite_scalar_losses(name, weights):
-    out = build(name, weights)(make_input(CASES[name].prompt), **fixed_t_noise(name, 2))
+    out = build(name, weights)(make_input(prompt_of(name, weights)), **fixed_t_noise(name, 2))
     assert isinstance(out, GuidanceOutput) and out.losses
     for k, v in out.losses.items():
         assert k.startswith("loss_") and v.dim() == 0 and torch.isfinite(v), k
@@ -108,7 +142,7 @@ def test_returns_named_finite_scalar_losses(name, weights):
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_reach_the_inputs_and_no_weight_of_the_guidance(name, weights):
     g = build(name, weights)
-    inp = make_input(CASES[name].prompt)
+    inp = make_input(prompt_of(name, weights))
     total = losses_of(g(inp, **fixed_t_noise(name, 2)))
     own = [p for p in g.parameters() if p.requires_grad]
     leaves = [inp.rgb, inp.opacity, inp.normal]
@@ -127,7 +161,7 @@ def test_deterministic_given_t_and_noise(name, weights):
     for seed in (1, 2):  # fresh guidances, different global RNG states
         g = build(name, weights)
         torch.manual_seed(seed)
-        outs.append(g(make_input(CASES[name].prompt), **fixed_t_noise(name, 2)))
+        outs.append(g(make_input(prompt_of(name, weights)), **fixed_t_noise(name, 2)))
     for k in outs[0].losses:
         assert torch.equal(outs[0].losses[k], outs[1].losses[k]), k
 
@@ -135,7 +169,7 @@ def test_deterministic_given_t_and_noise(name, weights):
 @pytest.mark.parametrize("name", NAMES)
 def test_frozen_weights_stay_out_of_the_state_dict(name, weights):
     g = build(name, weights)
-    g(make_input(CASES[name].prompt), **fixed_t_noise(name, 2))  # trainable state (a LoRA step) exists now
+    g(make_input(prompt_of(name, weights)), **fixed_t_noise(name, 2))  # trainable state (a LoRA step) exists now
     trainable = {n for n, p in g.named_parameters() if p.requires_grad}
     tensors = {k for k, v in g.state_dict().items() if torch.is_tensor(v)}
     assert tensors <= trainable, f"frozen tensors in the state dict: {sorted(tensors - trainable)[:5]}"
@@ -147,7 +181,7 @@ def test_moves_with_its_prior_to_another_dtype(name, weights):
     prior = getattr(g, "prior", None)
     tensors = [*g.parameters(), *g.buffers()] + ([*prior.parameters(), *prior.buffers()] if prior is not None else [])
     assert all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
-    out = g(make_input(CASES[name].prompt, dtype=torch.float64), **fixed_t_noise(name, 2, torch.float64))
+    out = g(make_input(prompt_of(name, weights), dtype=torch.float64), **fixed_t_noise(name, 2, torch.float64))
     assert all(torch.isfinite(v) for v in out.losses.values())
     assert any(v.dtype == torch.float64 for v in out.losses.values())
 
@@ -157,7 +191,7 @@ def test_groups_of_views(name, weights):
     """A batch of 2 groups of 2 views: one loss over all four, and shared timesteps per group on request."""
     over = {"timestep_sharing": "group"} if "timestep_sharing" in find(name).Config.__dataclass_fields__ else {}
     g = build(name, weights, **over)
-    inp = make_input(CASES[name].prompt, groups=2, n_views=2)
+    inp = make_input(prompt_of(name, weights), groups=2, n_views=2)
     assert inp.cameras.n_groups == 2
     out = g(inp)
     assert all(torch.isfinite(v) for v in out.losses.values())
@@ -173,8 +207,8 @@ def test_cuda_matches_cpu(name, weights):
     cpu = build(name, weights)
     gpu = build(name, weights).to("cuda")
     tn = fixed_t_noise(name, 2)
-    ref = cpu(make_input(CASES[name].prompt), **tn)
-    inp = make_input(CASES[name].prompt)
+    ref = cpu(make_input(prompt_of(name, weights)), **tn)
+    inp = make_input(prompt_of(name, weights))
     inp_cuda = GuidanceInput(**{k: (v.detach().cuda().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
                                 for k, v in vars(inp).items() if k not in ("cameras", "cond_cameras", "extras")},
                              cameras=inp.cameras.to("cuda"), cond_cameras=inp.cond_cameras.to("cuda"),

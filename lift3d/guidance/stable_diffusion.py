@@ -1,0 +1,390 @@
+"""Stable Diffusion as a score-distillation prior: DreamFusion's SDS in SD's latent space.
+
+DreamFusion (Poole et al. 2022) distilled the pixel-space Imagen; its open re-implementations
+(stable-dreamfusion, threestudio) distil Stable Diffusion (Rombach et al. 2022) instead, a latent
+diffusion model. :class:`StableDiffusionPrior` adapts a diffusers UNet and VAE to
+:mod:`lift3d.guidance.score_distillation`, whose SDS is used as it is:
+
+* the render is resized to the model's working resolution (the UNet's ``sample_size`` times the
+  VAE's downsampling factor: 512 for SD 1.x and 2.1-base, 768 for SD 2.0/2.1, 16 for the tests'
+  tiny model), mapped to [-1, 1] and encoded by the VAE; the latent is the posterior *mean* times
+  the VAE's ``scaling_factor``, so the loss is deterministic given ``t`` and the noise (the
+  posterior's spread is tiny; threestudio draws a sample);
+* or, with ``image: latents``, the render *is* the latent (Fantasia3D's early geometry steps score
+  the normal map and the mask as four latent channels): no VAE at all;
+* the UNet predicts in the parameterisation its scheduler config names (``epsilon`` for SD 1.x,
+  2.0-base and 2.1-base; ``v_prediction`` for SD 2.0 and 2.1 at 768); the core converts to epsilon.
+
+Beyond the core: HiFA's image-space term (Zhu et al. 2023), and the frozen weights' dtype follows
+the device (float16 on CUDA, float32 elsewhere) unless the config fixes it.
+
+Weights come from a local folder or the Hugging Face cache (:func:`lift3d.utils.hub.resolve_weights`),
+never the network; diffusers is imported only when a guidance is built.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from lift3d.config import ConfigError, Provenance, Scheduled
+from lift3d.guidance.base import GuidanceInput, GuidanceOutput
+from lift3d.guidance.score_distillation import Cond, Conditioning, DiffusionGuidance, DiffusionPrior, SDSGuidance
+from lift3d.registry import register
+
+#: The Stable Diffusion every SD module loads unless told otherwise.
+DEFAULT_SD_MODEL = "stabilityai/stable-diffusion-2-1-base"
+
+#: Files a diffusers Stable Diffusion folder must hold for the guidance (the weights are checked on load).
+REQUIRED_FILES = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
+
+#: ``torch_dtype`` names and their dtypes.
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class StableDiffusionPrior(DiffusionPrior):
+    """Adapter around a diffusers ``UNet2DConditionModel`` and ``AutoencoderKL``.
+
+    Its space is the VAE latent ``[B, C, h, w]`` (C = the UNet's ``in_channels``, 4) at the UNet's
+    ``sample_size``; a branch (:data:`Cond`) is ``text`` ``[B, L, D]``, the CLIP hidden states of the
+    ``stable-diffusion-prompt-processor``, and, when that processor supplies it, ``null`` ``[B, L, D]``,
+    the empty text the model was trained on as "no text" (what :meth:`drop_text` swaps in).
+
+    The networks may be float16 while everything around them is float32: inputs are cast to the
+    weights' dtype on the way in and outputs back to the caller's dtype on the way out.
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, alphas_cumprod: Tensor, prediction_type: str,
+                 num_train_timesteps: int, name: str = "stable-diffusion-guidance"):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ConfigError(f"{name}: the scheduler config's prediction_type is {prediction_type!r}; "
+                              "valid: epsilon, v_prediction, sample")
+        self.unet = unet
+        self.vae = vae
+        self.guidance_name = name
+        self.prediction_type = prediction_type
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False)
+        size = unet.config.sample_size
+        self.latent_size: tuple[int, int] = (int(size), int(size)) if isinstance(size, int) else tuple(map(int, size))
+        #: How much the VAE shrinks an image: 2 per downsampling block of its encoder.
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        #: The working resolution (h, w) in pixels: renders are resized to it before encoding.
+        self.resolution: tuple[int, int] = (self.latent_size[0] * self.vae_scale_factor,
+                                             self.latent_size[1] * self.vae_scale_factor)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.latent_channels = int(unet.config.in_channels)
+        self.text_dim = int(unet.config.cross_attention_dim)
+        self.offloaded = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the UNet and VAE compute in."""
+        return next(self.unet.parameters()).dtype
+
+    # -- the adapter -------------------------------------------------------------------------------
+
+    def resize(self, images: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B 3 h w"]:
+        """Renders ``[B, H, W, 3]`` -> channels first at the working resolution (differentiable)."""
+        x = images.permute(0, 3, 1, 2)
+        if tuple(x.shape[-2:]) != self.resolution:
+            # antialias only acts when shrinking (a render larger than the working resolution)
+            x = F.interpolate(x, self.resolution, mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def encode(self, images: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B C h w"]:
+        """Renders in [0, 1] -> scaled VAE latents (the posterior mean), in the renders' dtype."""
+        x = self.resize(images) * 2 - 1
+        posterior = self.vae.encode(x.to(self.dtype)).latent_dist
+        return (posterior.mean * self.scaling_factor).to(images.dtype)
+
+    def encode_latents(self, latents: Float[Tensor, "B C h w"]) -> Float[Tensor, "B C h0 w0"]:
+        """Renders taken as latents (``image: latents``) -> the UNet's latent size; no VAE."""
+        if latents.shape[1] != self.latent_channels:
+            raise ValueError(f"{self.guidance_name} image: latents needs {self.latent_channels}-channel latents "
+                             f"(the UNet's in_channels), got {latents.shape[1]} channels")
+        if tuple(latents.shape[-2:]) != self.latent_size:
+            latents = F.interpolate(latents, self.latent_size, mode="bilinear", align_corners=False)
+        return latents
+
+    def decode(self, x: Float[Tensor, "B C h w"]) -> Float[Tensor, "B H W 3"]:
+        """Scaled latents -> images in [0, 1] at the working resolution, in the latents' dtype."""
+        img = self.vae.decode((x / self.scaling_factor).to(self.dtype)).sample
+        return (img.to(x.dtype) * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+    def condition(self, inp: GuidanceInput, view_dependent_prompting: bool = True) -> Conditioning:
+        prompt = inp.prompt
+        if prompt is None:
+            raise ValueError(f"{self.guidance_name} needs text embeddings: set prompt_processor_type: "
+                             "stable-diffusion-prompt-processor (and prompt=... on the command line)")
+        cams = inp.cameras
+        args = (cams.elevation, cams.azimuth, cams.distance, view_dependent_prompting)
+        negatives, weights = [], None
+        if prompt.use_perp_neg:
+            cond, uncond, neg, weights = prompt.get_text_embeddings_perp_neg(*args)
+            negatives = [neg[:, k] for k in range(neg.shape[1])]
+        else:
+            cond, uncond = prompt.get_text_embeddings(*args)
+        if not cond.is_floating_point() or cond.dim() != 3 or cond.shape[-1] != self.text_dim:
+            raise ValueError(
+                f"{self.guidance_name}: the UNet attends to text hidden states [B, L, {self.text_dim}], but the prompt "
+                f"processor '{getattr(prompt, 'source', '?')}' gave {cond.dtype} {tuple(cond.shape)}; use "
+                "stable-diffusion-prompt-processor with the same model as the guidance (sd_model=... sets both)")
+        null = getattr(prompt, "extras", {}).get("null_text_embeddings")
+        B, dev = cond.shape[0], cond.device
+
+        def branch(text: Tensor) -> Cond:
+            out = {"text": text}
+            if null is not None:
+                out["null"] = null.to(dev).expand(B, *null.shape[1:])
+            return out
+
+        return Conditioning(cond=branch(cond), uncond=branch(uncond), negatives=[branch(n) for n in negatives],
+                            neg_weights=weights)
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        dt = self.dtype
+        out = self.unet(x_t.to(dt), t, encoder_hidden_states=cond["text"].to(dt)).sample
+        return out.to(x_t.dtype)
+
+    def drop_text(self, cond: Cond, mask: Tensor) -> Cond:
+        if "null" not in cond:
+            raise ValueError(f"{self.guidance_name}: dropping the text needs the empty prompt's embedding, which "
+                             "only stable-diffusion-prompt-processor supplies")
+        keep = ~mask.view(-1, *([1] * (cond["text"].dim() - 1)))
+        return {**cond, "text": torch.where(keep, cond["text"], cond["null"])}
+
+
+def weights_dtype(torch_dtype: Optional[str], half_precision_weights: bool, on_cuda: bool) -> torch.dtype:
+    """The dtype of the frozen weights: ``torch_dtype`` when set, else float16 on CUDA (when
+    ``half_precision_weights``) and float32 elsewhere (half precision on a CPU is slow or unsupported)."""
+    if torch_dtype is not None:
+        return DTYPES[torch_dtype]
+    return torch.float16 if (half_precision_weights and on_cuda) else torch.float32
+
+
+@dataclass
+class StableDiffusionWeights:
+    """The config keys of every guidance built on Stable Diffusion weights."""
+
+    pretrained_model_name_or_path: str = DEFAULT_SD_MODEL
+    """A diffusers Stable Diffusion folder, or a Hugging Face id found in the local cache (SD 1.x,
+    2.0, 2.1-base, 2.1; e.g. stable-diffusion-v1-5/stable-diffusion-v1-5). Never downloaded: fetch it
+    once with ``hf download <id>``. Recipes set it to ``${sd_model}``."""
+    revision: Optional[str] = None
+    """A Hugging Face revision (branch, tag or commit) to look up in the cache."""
+    half_precision_weights: bool = True
+    """Keep the UNet and VAE in float16 while the guidance is on CUDA (float32 on CPU and MPS, and
+    back to float32 if moved off CUDA). Ignored when torch_dtype is set."""
+    torch_dtype: Optional[Literal["float16", "bfloat16", "float32"]] = None
+    """A fixed dtype for the UNet and VAE on every device; null: as half_precision_weights says."""
+    enable_attention_slicing: bool = False
+    """Compute attention one head slice at a time: less memory, a little slower."""
+    enable_channels_last: bool = False
+    """Store the UNet in channels-last memory format (faster convolutions on recent GPUs)."""
+    enable_sequential_cpu_offload: bool = False
+    """Keep the UNet and VAE weights in CPU memory and bring each layer to the GPU only while it runs
+    (accelerate's cpu_offload): far less GPU memory, much slower. Needs CUDA and accelerate."""
+    compile_unet: bool = False
+    """torch.compile the UNet (compiled on the first step; pays off on long runs on GPUs)."""
+
+
+class _StableDiffusionPrior:
+    """What guidances on Stable Diffusion share: finding and loading the weights, their dtype per device."""
+
+    prior_family = "stable-diffusion"
+
+    def __init__(self, cfg: Any = None, *, cfg_key: str = "", prov: Provenance | None = None, **kwargs: Any):
+        object.__setattr__(self, "_cfg_key", cfg_key or "system.guidance")
+        super().__init__(cfg, cfg_key=cfg_key, prov=prov, **kwargs)
+
+    @classmethod
+    def requires(cls, cfg: Any) -> frozenset[str]:
+        return super().requires(cfg) | {"prompt_embeddings"}
+
+    @classmethod
+    def resolve(cls, cfg: Any, key: str = "system.guidance") -> Path:
+        """The folder of ``cfg``'s weights, or :class:`~lift3d.utils.hub.MissingWeightsError`."""
+        from lift3d.utils.hub import resolve_weights
+
+        return resolve_weights(cfg.pretrained_model_name_or_path, key=f"{key}.pretrained_model_name_or_path",
+                               required=REQUIRED_FILES, revision=cfg.revision).path
+
+    def build_prior(self) -> StableDiffusionPrior:
+        from lift3d.utils.hub import MissingWeightsError
+
+        c, key = self.cfg, self._cfg_key
+        folder = self.resolve(c, key)
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        offload = self._offload_device()
+        # float32 unless fixed or offloaded: the dtype follows the device the guidance moves to (see _apply).
+        dtype = weights_dtype(c.torch_dtype, c.half_precision_weights, on_cuda=offload is not None)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype,
+                                                        local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+            # Only the noise schedule and the parameterisation are used (any scheduler's config has them).
+            scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise MissingWeightsError(
+                f"config key '{key}.pretrained_model_name_or_path' = {c.pretrained_model_name_or_path!r}: the folder "
+                f"{folder} does not load as a diffusers Stable Diffusion model (interrupted download?): {exc}") from exc
+        prior = StableDiffusionPrior(unet, vae, scheduler.alphas_cumprod, scheduler.config.prediction_type,
+                                     scheduler.config.num_train_timesteps, self.name())
+        if c.enable_channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if c.enable_attention_slicing:
+            unet.set_attention_slice("max")
+        if c.compile_unet:
+            unet.compile()
+        if offload is not None:
+            offload_to(prior, offload)
+        return prior
+
+    def _offload_device(self) -> torch.device | None:
+        if not self.cfg.enable_sequential_cpu_offload:
+            return None
+        if not torch.cuda.is_available():
+            warnings.warn(f"{self.name()}: enable_sequential_cpu_offload needs CUDA; ignored on this machine",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        prior = self.__dict__.get("prior")
+        if prior is not None and prior.offloaded:
+            # accelerate's hooks own the weights (kept on the CPU, brought to the GPU per layer):
+            # only the schedule moves; the weights must not be touched.
+            prior.alphas_cumprod = fn(prior.alphas_cumprod)
+            return super(DiffusionGuidance, self)._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        if prior is not None:
+            self._match_dtype_to_device(prior)
+        return out
+
+    def _match_dtype_to_device(self, prior: StableDiffusionPrior) -> None:
+        """float16 on CUDA, float32 elsewhere, unless the config fixes the dtype (or it was set to another)."""
+        c = self.cfg
+        if c.torch_dtype is not None or not c.half_precision_weights:
+            return
+        on_cuda = prior.alphas_cumprod.device.type == "cuda"
+        want = weights_dtype(None, True, on_cuda)
+        if prior.dtype in (torch.float16, torch.float32) and prior.dtype != want:
+            prior.unet.to(want)
+            prior.vae.to(want)
+
+
+def offload_to(prior: StableDiffusionPrior, device: torch.device) -> None:
+    """Sequential CPU offload of the prior's UNet and VAE: each layer runs on ``device`` with its
+    weights brought there for the call only (accelerate's ``cpu_offload``)."""
+    try:
+        from accelerate import cpu_offload
+    except ImportError as exc:
+        raise ConfigError(f"{prior.guidance_name}: enable_sequential_cpu_offload needs the accelerate package "
+                          "(pip install accelerate)") from exc
+    cpu_offload(prior.unet, execution_device=device)
+    cpu_offload(prior.vae, execution_device=device)
+    prior.alphas_cumprod = prior.alphas_cumprod.to(device)
+    prior.offloaded = True
+
+
+@register("stable-diffusion-guidance")
+class StableDiffusionGuidance(_StableDiffusionPrior, SDSGuidance):
+    """SDS with Stable Diffusion in its latent space (DreamFusion as threestudio runs it); ``loss_sds``,
+    and ``loss_sds_img`` with ``hifa_image_loss``."""
+
+    @dataclass
+    class Config(SDSGuidance.Config, StableDiffusionWeights):
+        guidance_scale: Scheduled = 100.0
+        """Classifier-free guidance scale ``s``: the guided noise is ``e_u + s (e_c - e_u)`` (``e_c``
+        the prompt's prediction, ``e_u`` the negative prompt's or the empty text's; s = 1 is the
+        prompt alone), with Perp-Neg's negative term added inside the bracket. DreamFusion needs a
+        large scale (100). threestudio's stable-diffusion-guidance writes ``e_c + s (e_c - e_u)`` when
+        Perp-Neg is off, which is ``e_u + (s + 1)(e_c - e_u)``: its ``guidance_scale: 100`` is ours
+        101; with Perp-Neg on it uses ``e_u + s (...)``, the same number as ours."""
+        image: Literal["rgb", "normal", "latents"] = "rgb"
+        """What is scored: the render (VAE-encoded), its normal map (VAE-encoded; Fantasia3D's
+        geometry stage), or latents taken as they are (see latents_source): no VAE."""
+        latents_source: Literal["renderer", "normal-mask"] = "renderer"
+        """With image: latents, where the 4 latent channels come from: the renderer's comp_latents,
+        or Fantasia3D's shortcut, the normal map mapped to [-1, 1] stacked with the opacity. Either is
+        resized (bilinearly) to the UNet's latent size."""
+        hifa_image_loss: bool = False
+        """Also return HiFA's image-space term ``loss_sds_img`` (weight it with lambda_sds_img): the
+        one-step clean estimate is decoded by the VAE and the render (at the working resolution)
+        pulled towards it with gradient ``w(t) sqrt(a_t / (1 - a_t)) (x - x0_hat)``, the pixel twin of
+        SDS's latent gradient (clipped the same way). A VAE decode per step; not with image: latents."""
+        return_denoised: bool = False
+        """Decode the one-step clean estimate into the diagnostics as ``denoised`` [B, h, w, 3]
+        (a VAE decode per step; free when hifa_image_loss is on)."""
+
+    cfg: Config
+
+    @classmethod
+    def requires(cls, cfg: Any) -> frozenset[str]:
+        extra = {"normals", "opacity"} if cfg.image == "latents" and cfg.latents_source == "normal-mask" else set()
+        return super().requires(cfg) | extra
+
+    def configure(self) -> None:
+        if self.cfg.hifa_image_loss and self.cfg.image == "latents":
+            raise ConfigError(f"{self.name()}: hifa_image_loss compares decoded images with the render, but "
+                              "image: latents has no image render; turn one of them off")
+        super().configure()
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """The working resolution (h, w) in pixels, from the model's config."""
+        return self.prior.resolution
+
+    def scored_image(self, inp: GuidanceInput) -> Tensor:
+        if self.cfg.image != "latents":
+            return super().scored_image(inp)
+        if self.cfg.latents_source == "normal-mask":
+            if inp.normal is None or inp.opacity is None:
+                raise ValueError(f"{self.name()} latents_source: normal-mask needs the renderer's normal map "
+                                 "(comp_normal) and opacity")
+            latents = torch.cat([inp.normal * 2 - 1, inp.opacity], dim=-1)
+        else:
+            latents = inp.latents
+            if latents is None:
+                raise ValueError(f"{self.name()} image: latents needs a renderer that returns comp_latents "
+                                 "(or latents_source: normal-mask)")
+        return self.prior.encode_latents(latents.permute(0, 3, 1, 2))
+
+    def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
+        c = self.cfg
+        lo, hi = self.step_range()
+        x, t, noise, a, x_t, conds = self.noised(inp, t, noise)
+        with torch.no_grad():
+            eps_cfg = self.guided(x_t, t, conds, self.C(c.guidance_scale))
+            w = self.weight(t).view_as(a)
+            grad = self.process_grad(w * (eps_cfg - noise))
+        losses = {"loss_sds": self.distillation_target(x, grad)}
+        diagnostics: dict[str, Any] = {"grad_norm": grad.norm(), "min_step": torch.tensor(lo),
+                                       "max_step": torch.tensor(hi), "t": t}
+        if c.hifa_image_loss or c.return_denoised:
+            with torch.no_grad():
+                x0 = (x_t - (1 - a).sqrt() * eps_cfg) / a.sqrt()
+                diagnostics["denoised"] = self.prior.decode(x0)
+        if c.hifa_image_loss:
+            img = self.prior.resize(inp.normal if c.image == "normal" else inp.rgb)
+            with torch.no_grad():
+                target = diagnostics["denoised"].permute(0, 3, 1, 2).to(img.dtype)
+                grad_img = self.process_grad(w * (a / (1 - a)).sqrt() * (img.detach() - target))
+            losses["loss_sds_img"] = self.distillation_target(img, grad_img)
+            diagnostics["grad_img_norm"] = grad_img.norm()
+        return GuidanceOutput(losses=losses, diagnostics=diagnostics)
+
+
+__all__ = ["DEFAULT_SD_MODEL", "StableDiffusionPrior", "StableDiffusionWeights", "StableDiffusionGuidance",
+           "weights_dtype", "offload_to"]
