@@ -365,6 +365,9 @@ class VSDGuidance(SDSGuidance):
         """LoRA optimizer steps per guidance call (0 freezes the LoRA: phi stays the prior)."""
         lora_targets: list[str] = field(default_factory=list)
         """Names (suffixes) of the layers that get adapters; empty: the adapter's default set."""
+        return_denoised: bool = True
+        """Decode the pretrained pass's one-step clean estimate into the diagnostics as ``denoised``
+        (one decoder pass per step: costly for a latent prior at full size)."""
 
     cfg: Config
 
@@ -463,11 +466,12 @@ class VSDGuidance(SDSGuidance):
         loss = self.distillation_target(x, grad)
         # Fit phi to the current renders after scoring them, as ProlificDreamer does.
         lora_loss = self.train_lora(x, conds.cond)
-        return GuidanceOutput(
-            losses={"loss_vsd": loss},
-            diagnostics={"lora_loss": lora_loss, "grad_norm": grad.norm(), "min_step": torch.tensor(lo),
-                         "max_step": torch.tensor(hi), "denoised": self.prior.decode(denoised).detach(), "t": t},
-        )
+        diagnostics = {"lora_loss": lora_loss, "grad_norm": grad.norm(), "min_step": torch.tensor(lo),
+                       "max_step": torch.tensor(hi), "t": t}
+        if self.cfg.return_denoised:
+            with torch.no_grad():
+                diagnostics["denoised"] = self.prior.decode(denoised).detach()
+        return GuidanceOutput(losses={"loss_vsd": loss}, diagnostics=diagnostics)
 
 
 def _drop_frozen_keys(module: VSDGuidance, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:

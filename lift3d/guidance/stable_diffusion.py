@@ -18,12 +18,18 @@ diffusion model. :class:`StableDiffusionPrior` adapts a diffusers UNet and VAE t
 Beyond the core: HiFA's image-space term (Zhu et al. 2023), and the frozen weights' dtype follows
 the device (float16 on CUDA, float32 elsewhere) unless the config fixes it.
 
+For VSD (ProlificDreamer, Wang et al. 2023; ``stable-diffusion-vsd-guidance``) the adapter makes
+its LoRA model with :meth:`StableDiffusionPrior.lora_copy`: a :class:`StableDiffusionLoRAPrior`
+whose UNet shares every frozen tensor with the prior's (one copy of the weights in memory) and adds
+peft LoRA adapters and a camera class embedding of its own.
+
 Weights come from a local folder or the Hugging Face cache (:func:`lift3d.utils.hub.resolve_weights`),
 never the network; diffusers is imported only when a guidance is built.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +55,13 @@ REQUIRED_FILES = ("unet/config.json", "vae/config.json", "scheduler/scheduler_co
 #: ``torch_dtype`` names and their dtypes.
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
+#: Layers of the UNet that get LoRA adapters in VSD by default: every attention projection, self- and
+#: cross-attention (where ProlificDreamer's LoRAAttnProcessor put them).
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+#: Width of the LoRA model's camera condition: the flattened 4x4 camera-to-world matrix.
+CAMERA_DIM = 16
+
 
 class StableDiffusionPrior(DiffusionPrior):
     """Adapter around a diffusers ``UNet2DConditionModel`` and ``AutoencoderKL``.
@@ -56,7 +69,10 @@ class StableDiffusionPrior(DiffusionPrior):
     Its space is the VAE latent ``[B, C, h, w]`` (C = the UNet's ``in_channels``, 4) at the UNet's
     ``sample_size``; a branch (:data:`Cond`) is ``text`` ``[B, L, D]``, the CLIP hidden states of the
     ``stable-diffusion-prompt-processor``, and, when that processor supplies it, ``null`` ``[B, L, D]``,
-    the empty text the model was trained on as "no text" (what :meth:`drop_text` swaps in).
+    the empty text the model was trained on as "no text" (what :meth:`drop_text` swaps in). Once
+    :meth:`lora_copy` has made a LoRA model, every branch also carries what that model reads:
+    ``text_lora`` ``[B, L, D]``, the view-independent prompt, and ``camera`` ``[B, 16]``, the
+    flattened camera-to-world matrices.
 
     The networks may be float16 while everything around them is float32: inputs are cast to the
     weights' dtype on the way in and outputs back to the caller's dtype on the way out.
@@ -85,6 +101,8 @@ class StableDiffusionPrior(DiffusionPrior):
         self.latent_channels = int(unet.config.in_channels)
         self.text_dim = int(unet.config.cross_attention_dim)
         self.offloaded = False
+        #: Whether :meth:`condition` adds the LoRA model's keys (set by :meth:`lora_copy`).
+        self.lora_conditioning = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -141,12 +159,16 @@ class StableDiffusionPrior(DiffusionPrior):
                 "stable-diffusion-prompt-processor with the same model as the guidance (sd_model=... sets both)")
         null = getattr(prompt, "extras", {}).get("null_text_embeddings")
         B, dev = cond.shape[0], cond.device
+        shared: Cond = {}
+        if null is not None:
+            shared["null"] = null.to(dev).expand(B, *null.shape[1:])
+        if self.lora_conditioning:
+            # What the LoRA model reads (ProlificDreamer): the plain prompt, whatever the view, and the camera.
+            shared["text_lora"] = prompt.get_text_embeddings(*args[:3], view_dependent_prompting=False)[0].to(dev)
+            shared["camera"] = cams.c2w.reshape(B, CAMERA_DIM).to(dev, torch.float32)
 
         def branch(text: Tensor) -> Cond:
-            out = {"text": text}
-            if null is not None:
-                out["null"] = null.to(dev).expand(B, *null.shape[1:])
-            return out
+            return {"text": text, **shared}
 
         return Conditioning(cond=branch(cond), uncond=branch(uncond), negatives=[branch(n) for n in negatives],
                             neg_weights=weights)
@@ -162,6 +184,133 @@ class StableDiffusionPrior(DiffusionPrior):
                              "only stable-diffusion-prompt-processor supplies")
         keep = ~mask.view(-1, *([1] * (cond["text"].dim() - 1)))
         return {**cond, "text": torch.where(keep, cond["text"], cond["null"])}
+
+    def lora_copy(self, rank: int, alpha: float, targets: list[str]) -> "StableDiffusionLoRAPrior":
+        """VSD's LoRA model: a twin of the UNet sharing every frozen tensor with it, with peft LoRA
+        adapters (rank ``rank``, scale ``alpha / rank``, B zero) on the linear layers ``targets``
+        names (default :data:`DEFAULT_LORA_TARGETS`) and a camera class embedding; both float32 and
+        trainable. It starts equal to the prior: LoRA's B and the embedding's last layer are zero.
+
+        From now on :meth:`condition` supplies the twin's view-independent text and cameras.
+        """
+        from diffusers.models.embeddings import TimestepEmbedding
+        from peft import LoraConfig
+
+        name = self.guidance_name
+        if self.offloaded:
+            raise ConfigError(f"{name}: a LoRA model cannot be trained on offloaded weights; "
+                              "set enable_sequential_cpu_offload: false")
+        if getattr(self.unet, "class_embedding", None) is not None:
+            raise ConfigError(f"{name}: the UNet has a class embedding of its own; the LoRA model's camera "
+                              "condition needs one without (Stable Diffusion 1.x / 2.x text-to-image)")
+        targets = list(targets) or list(DEFAULT_LORA_TARGETS)
+        layers = [n for n, m in self.unet.named_modules() if isinstance(m, nn.Linear)]
+        for target in targets:
+            if not any(n == target or n.endswith("." + target) for n in layers):
+                raise ConfigError(f"{name}: lora_targets entry {target!r} names no Linear layer of the UNet; "
+                                  f"layer names: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in layers}))}")
+        twin = weight_sharing_copy(self.unet)
+        twin.requires_grad_(False)
+        twin.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                                    init_lora_weights=True))
+        # The camera enters as the UNet's class embedding, added to the time embedding (threestudio's
+        # TimestepEmbedding(16, 1280) for SD); its last layer is zero so the twin starts as the prior.
+        camera = TimestepEmbedding(CAMERA_DIM, int(twin.time_embedding.linear_2.out_features))
+        nn.init.zeros_(camera.linear_2.weight)
+        nn.init.zeros_(camera.linear_2.bias)
+        twin.class_embedding = camera.to(self.unet.conv_in.weight.device)
+        trainable = [p for n, p in twin.named_parameters() if "lora_" in n or n.startswith("class_embedding.")]
+        for p in trainable:
+            # float32 even beside float16 weights: Adam's small updates would round away in half precision.
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.lora_conditioning = True
+        return StableDiffusionLoRAPrior(twin, self)
+
+
+def weight_sharing_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module``'s structure whose parameters and buffers *are* the original's
+    tensors: changing the copy's modules (adapters, a class embedding) leaves the original as it was,
+    and no weight is stored twice."""
+    memo: dict[int, Any] = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    # A torch.compile'd module holds its compiled call, bound to the original: compile the copy anew.
+    compiled = module.__dict__.get("_compiled_call_impl")
+    module._compiled_call_impl = None
+    try:
+        twin = copy.deepcopy(module, memo)
+    finally:
+        module._compiled_call_impl = compiled
+    if compiled is not None:
+        twin.compile()
+    return twin
+
+
+class StableDiffusionLoRAPrior(DiffusionPrior):
+    """The LoRA model of VSD, made by :meth:`StableDiffusionPrior.lora_copy`.
+
+    Its UNet is a twin of the prior's: the same frozen tensors, with LoRA adapters and a camera class
+    embedding (``unet.class_embedding``, a small MLP from the 16 entries of the camera-to-world
+    matrix to the time-embedding width, added to the time embedding). So the prior's pass never sees
+    the LoRA, and no adapter is switched on and off around it. It predicts in the prior's own
+    parameterisation (the core converts both alike and trains this model on the matching target).
+
+    A branch is read as ``text_lora`` (else ``text``) and ``camera`` (zeros when absent); what is
+    "dropped" for classifier-free guidance is the camera, not the text: it is trained with the
+    camera zeroed at the prior's ``p_uncond`` (0.1), as ProlificDreamer's LoRA model is, and its
+    unconditional branch is the same text with zero camera. Always in eval mode (the UNet has no
+    active dropout; eval keeps the arithmetic the prior's).
+    """
+
+    def __init__(self, unet: nn.Module, base: StableDiffusionPrior):
+        super().__init__()
+        self.unet = unet
+        self.guidance_name = base.guidance_name
+        self.prediction_type = base.prediction_type
+        self.num_train_timesteps = base.num_train_timesteps
+        self.p_uncond = base.p_uncond
+        self.eval()
+
+    @property
+    def camera_embedding(self) -> nn.Module:
+        return self.unet.class_embedding
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The trainable tensors: LoRA's A and B, and the camera embedding."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "StableDiffusionLoRAPrior":
+        return super().train(False)
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        dt = self.unet.conv_in.weight.dtype
+        camera = cond.get("camera")
+        if camera is None:
+            camera = torch.zeros(x_t.shape[0], CAMERA_DIM, device=x_t.device)
+        text = cond.get("text_lora", cond["text"])
+        labels = camera.to(self.camera_embedding.linear_1.weight.dtype)
+        out = self.unet(x_t.to(dt), t, encoder_hidden_states=text.to(dt), class_labels=labels).sample
+        return out.to(x_t.dtype)
+
+    def drop_text(self, cond: Cond, mask: Tensor) -> Cond:
+        """The branch with the camera of rows ``mask`` zeroed (the text stays)."""
+        camera = cond.get("camera")
+        if camera is None:
+            return dict(cond)
+        return {**cond, "camera": camera.masked_fill(mask.view(-1, 1), 0.0)}
+
+    def tie_to(self, unet: nn.Module) -> None:
+        """Point the twin's frozen tensors back at ``unet``'s wherever a move gave them new ones
+        (a conversion that could not happen in place), so the weights stay stored once."""
+        own = {**dict(unet.named_parameters()), **dict(unet.named_buffers())}
+        for mod_name, mod in self.unet.named_modules():
+            for store in (mod._parameters, mod._buffers):
+                for key, value in store.items():
+                    if value is None or (isinstance(value, nn.Parameter) and value.requires_grad):
+                        continue
+                    full = f"{mod_name}.{key}".replace(".base_layer", "") if mod_name else key
+                    src = own.get(full)
+                    if src is not None and src is not value:
+                        store[key] = src
 
 
 def weights_dtype(torch_dtype: Optional[str], half_precision_weights: bool, on_cuda: bool) -> torch.dtype:
@@ -386,5 +535,5 @@ class StableDiffusionGuidance(_StableDiffusionPrior, SDSGuidance):
         return GuidanceOutput(losses=losses, diagnostics=diagnostics)
 
 
-__all__ = ["DEFAULT_SD_MODEL", "StableDiffusionPrior", "StableDiffusionWeights", "StableDiffusionGuidance",
-           "weights_dtype", "offload_to"]
+__all__ = ["DEFAULT_SD_MODEL", "DEFAULT_LORA_TARGETS", "CAMERA_DIM", "StableDiffusionPrior", "StableDiffusionLoRAPrior",
+           "StableDiffusionWeights", "StableDiffusionGuidance", "weights_dtype", "offload_to", "weight_sharing_copy"]
