@@ -186,6 +186,12 @@ def fresh_plugins(monkeypatch):
 
     monkeypatch.setattr(registry, "_loaded_plugin_paths", set())
     registry._ensure_builtin_modules()
+    # Drop what plugin folders registered earlier in this worker (a launch run loads extensions/):
+    # the test loads them itself, and a second registration of a name is an error.
+    plugin_names = [n for n, c in registry._REGISTRY.items()
+                    if not c.__module__.startswith(("lift3d.", "conftest", "test_")) and not n.startswith("test-")]
+    for n in plugin_names:
+        monkeypatch.delitem(registry._REGISTRY, n)
     saved = dict(registry._REGISTRY)
     yield
     registry._REGISTRY.clear()

@@ -69,6 +69,9 @@ CASES = {
     "stable-diffusion-vsd-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "guidance_scale": 7.5,
                                                      "half_precision_weights": False, "lora_lr": 1e-3},
                                           noise_shape=(4, 8, 8), family="stable-diffusion"),
+    "stable-diffusion-refine-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "strength": 0.4,
+                                                        "n_steps": 2, "half_precision_weights": False},
+                                             noise_shape=(4, 8, 8), family="stable-diffusion"),
     # IF works at its UNet's size (8 for the tiny model) on T5 states; float32 so CPU and CUDA compare.
     "deepfloyd-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "guidance_scale": 5.0,
                                           "half_precision_weights": False},
