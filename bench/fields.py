@@ -5,7 +5,11 @@ throughput in points/s (median of 5 runs) for both implementations, the speed-up
 resident-memory growth of each measured in a fresh subprocess. Timings on a shared machine are
 indicative only.
 
-    python bench/fields.py [--points 65536] [--threads 1] [--log2-table 15] [--no-memory]
+    python bench/fields.py [--points 65536] [--threads 1] [--log2-table 15] [--no-memory] [--profile 15]
+
+``--profile N`` instead prints the N operators with the most self CPU time in lift3d's
+forward+backward at 8 levels (torch.profiler, 5 runs after a warm-up), to see which ones a second
+thread speeds up or slows down (run it at ``--threads 1`` and ``--threads 2``).
 
 Peak memory is the growth of the process's peak RSS over one forward+backward (Linux
 /proc/self/clear_refs + VmHWM), measured in a spawned subprocess per row.
@@ -114,6 +118,25 @@ def peak_memory_mib(kind: str, n_levels: int, log2_table: int, n_points: int, th
     return val
 
 
+def profile(n_top: int, n_points: int, log2_table: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    enc = build("lift3d", 8, log2_table)
+    x = torch.rand(n_points, 3)
+
+    def fwd_bwd():
+        out = enc(x)
+        out.backward(torch.ones_like(out))
+
+    fwd_bwd()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            fwd_bwd()
+    print(f"lift3d hash grid, 8 levels, {n_points} points, {torch.get_num_threads()} thread(s), 5 x forward+backward")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n_top))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", type=int, default=65536)
@@ -122,9 +145,12 @@ def main() -> None:
                          "collapse on a shared 2-core box")
     ap.add_argument("--log2-table", type=int, default=15)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest operators and stop")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        return profile(args.profile, args.points, args.log2_table)
     threads = torch.get_num_threads()
     x = torch.rand(args.points, 3)
     print(f"hash grid, {args.points} points, table 2^{args.log2_table}, 2 features/level, {threads} torch thread(s)")
