@@ -170,6 +170,7 @@ class Provenance:
 
     def __init__(self) -> None:
         self._src: dict[str, str] = {}
+        self._via: dict[str, str] = {}  # key -> the key its value interpolates (``prompt: ${prompt}``)
 
     def record(self, node: Any, source: str, prefix: str = "", leaves_only: bool = False) -> None:
         """Note ``source`` for every key path in ``node``; with ``leaves_only`` (command-line
@@ -206,7 +207,7 @@ class Provenance:
 
     def describe(self, key_path: str) -> str:
         src = self.source(key_path)
-        via = self._via.get(_dotted(key_path)) if hasattr(self, "_via") else None
+        via = self._via.get(_dotted(key_path))
         if src and via is not None:  # ``prompt: ${prompt}``: name where the value itself came from
             target_src = self.source(via)
             if target_src and target_src != src:
@@ -215,8 +216,6 @@ class Provenance:
 
     def note_interpolations(self, cfg: Any, prefix: str = "") -> None:
         """Remember keys whose value is exactly ``${other.key}``, so errors can follow them."""
-        if not hasattr(self, "_via"):
-            self._via: dict[str, str] = {}
         if isinstance(cfg, DictConfig):
             items = [(str(k), cfg._get_node(k)) for k in cfg.keys()]
         elif isinstance(cfg, ListConfig):

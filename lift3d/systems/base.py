@@ -151,7 +151,7 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
             check = getattr(cls, "missing_weights", None)
             msg = check(cfg) if callable(check) else None
             if msg:
-                via = getattr(self._prov, "_via", {}) if self._prov is not None else {}
+                via = self._prov._via if self._prov is not None else {}
                 tops = sorted({v for k, v in via.items() if k.startswith(key + ".") and "." not in v
                                and repr(getattr(cfg, k[len(key) + 1:], None)) in msg})
                 if tops:  # ``pretrained_model_name_or_path: ${if_model}``: say which key to change
