@@ -14,12 +14,17 @@ Settings:
 * ``1``: one thread (``OMP_NUM_THREADS=1``), the baseline;
 * ``auto``: ``lift3d.utils.threads.prepare_threads(None)``: the count from the measured load and
   ``OMP_WAIT_POLICY=PASSIVE``;
-* ``2-passive`` (any ``N-passive``): N threads with ``OMP_WAIT_POLICY=PASSIVE``.
+* ``2-passive`` (any ``N-passive``): N threads with ``OMP_WAIT_POLICY=PASSIVE``;
+* ``2-spin30000`` (any ``N-spinK``): N threads, no wait policy, ``GOMP_SPINCOUNT=K`` (libgomp, the
+  OpenMP runtime of torch's Linux wheels: a waiting thread spins K times, then sleeps).
 
     python bench/contention.py [--configs configs/tiny/dreamfusion.yaml configs/tiny/dreamgaussian.yaml] \\
         [--settings default 1 auto 2-passive] [--rounds 3] [--warmup 3] [--steps 10] [--pin-busy CPU]
 
-Run it with nothing else on the machine: the "idle" rows assume it is. The table's heading says how
+Conditions: ``idle`` (nothing added), ``busy`` (the busy process runs before the child starts, so
+the automatic choice sees it), ``joins`` (it starts with the first timed step, after the count was
+chosen: what a run that began alone meets when another job arrives). Run it with nothing else on
+the machine: the "idle" rows assume it is. The table's heading says how
 many cores other processes kept busy when each condition began (``/proc/stat``, 0.5 s), so a
 machine that was not idle shows.
 """
@@ -40,7 +45,7 @@ OMP_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINC
 BUSY_LOOP = "while True:\n    pass\n"
 
 
-def child(setting: str, config: str, warmup: int, steps: int) -> None:
+def child(setting: str, config: str, warmup: int, steps: int, join: bool = False) -> None:
     """Apply ``setting`` before torch loads, then time the recipe's steps; prints one CHILD line."""
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "bench"))
@@ -50,28 +55,48 @@ def child(setting: str, config: str, warmup: int, steps: int) -> None:
     if setting == "auto":
         n = prepare_threads(None)
     elif setting.endswith("-passive"):
-        n = prepare_threads(int(setting.split("-")[0]))
+        n = prepare_threads(int(setting.split("-")[0]), wait_policy="PASSIVE")
+    elif "-spin" in setting:
+        count, spin = setting.split("-spin")
+        n = prepare_threads(int(count), spin_count=int(spin))
     elif setting not in ("default",) and not setting.isdigit():
-        raise SystemExit(f"unknown setting {setting!r}: default, auto, N or N-passive")
+        raise SystemExit(f"unknown setting {setting!r}: default, auto, N, N-passive or N-spinK")
     import torch
 
     if n is not None:
         apply_threads(n)
     from train_step import run_variant
 
-    r = run_variant(config, [], None, warmup, steps)
-    r.update(threads=torch.get_num_threads(), note=thread_note() if n is not None else "",
+    callbacks = []
+    if join:  # the busy process arrives with the first timed step
+        import lightning.pytorch as pl
+
+        class Join(pl.Callback):
+            proc = None
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                if batch_idx == warmup and self.proc is None:
+                    self.proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+
+            def on_train_end(self, trainer, module):
+                if self.proc is not None:
+                    stop(self.proc)
+
+        callbacks.append(Join())
+    r = run_variant(config, [], None, warmup, steps, callbacks=callbacks)
+    note = thread_note() if n is not None else ""
+    r.update(threads=torch.get_num_threads(), note=note,
              wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"))
     print("CHILD " + json.dumps(r), flush=True)
 
 
-def run_child(setting: str, config: str, args: argparse.Namespace) -> dict:
+def run_child(setting: str, config: str, args: argparse.Namespace, join: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in OMP_KEYS}
     if setting.isdigit():
         env["OMP_NUM_THREADS"] = setting
     env["PYTHONPATH"] = str(REPO)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", setting, "--configs", config,
-           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+           "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--join"] if join else [])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     line = [x for x in out.stdout.splitlines() if x.startswith("CHILD ")]
     if out.returncode != 0 or not line:
@@ -104,9 +129,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--pin-busy", type=int, default=None, help="pin the busy process to this CPU (default: not pinned)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--join", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--conditions", nargs="+", default=["idle", "busy", "joins"],
+                    help="idle; busy (a busy process runs from before the child starts); joins (it starts "
+                         "with the first timed step, after the thread count was chosen)")
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.configs[0], args.warmup, args.steps)
+        return child(args.child, args.configs[0], args.warmup, args.steps, args.join)
 
     sys.path.insert(0, str(REPO))
     from lift3d.utils.threads import measure_other_load
@@ -121,37 +150,42 @@ def main() -> None:
         for rnd in range(args.rounds):
             k = rnd % len(args.settings)
             order = args.settings[k:] + args.settings[:k]
-            for cond in ("idle", "busy"):
+            for cond in args.conditions:
                 busy = start_busy(args.pin_busy) if cond == "busy" else None
                 seen = measure_other_load(0.5)
                 loads.setdefault(cond, []).append(seen)
                 try:
                     for s in order:
-                        r = run_child(s, config, args)
+                        r = run_child(s, config, args, join=cond == "joins")
                         res.setdefault((s, cond), []).append(r)
-                        print(f"  round {rnd + 1} {cond:>4} {s:>10}: {r['median_s']:.4f} s/step, "
-                              f"{r['threads']} threads {r['note']}", flush=True)
+                        print(f"  round {rnd + 1} {cond:>5} {s:>10}: {r['median_s']:.4f} s/step (mean "
+                              f"{r['mean_s']:.4f}), {r['threads']} threads at the end; {r['note']}", flush=True)
                 finally:
                     if busy is not None:
                         stop(busy)
                 time.sleep(1.0)
+        # Per (setting, condition): the median over rounds of each child's mean step time (the mean
+        # keeps the slow steps before a thread count adapts) and of its median step time.
+        mean = {key: statistics.median(r["mean_s"] for r in rs) for key, rs in res.items()}
         med = {key: statistics.median(r["median_s"] for r in rs) for key, rs in res.items()}
-        threads = {key: sorted({r["threads"] for r in rs}) for key, rs in res.items()}
-        one_i, one_b = med.get(("1", "idle")), med.get(("1", "busy"))
+        threads = {key: "/".join(map(str, sorted({r["threads"] for r in rs}))) for key, rs in res.items()}
         seen = {c: ", ".join("?" if v is None else f"{v:.1f}" for v in vs) for c, vs in loads.items()}
-        print(f"\n{config}: s/step, median over {args.rounds} rounds; cores kept busy by other processes when each "
-              f"condition began (its rounds): idle {seen.get('idle')}, busy {seen.get('busy')}")
-        print("| setting | threads idle / busy | idle s/step | busy s/step | busy / idle | idle vs 1 thread "
-              "| busy vs 1 thread | busy runs (s/step) |")
-        print("|---|---|---|---|---|---|---|---|")
-        for s in args.settings:
-            i, b = med[(s, "idle")], med[(s, "busy")]
-            ti = "/".join(map(str, threads[(s, "idle")]))
-            tb = "/".join(map(str, threads[(s, "busy")]))
-            vi = f"{i / one_i:.2f}" if one_i else "-"
-            vb = f"{b / one_b:.2f}" if one_b else "-"
-            runs = " ".join(f"{r['median_s']:.3f}" for r in res[(s, "busy")])
-            print(f"| {s} | {ti} / {tb} | {i:.4f} | {b:.4f} | {b / i:.2f} | {vi} | {vb} | {runs} |")
+        print(f"\n{config}: median over {args.rounds} rounds of each child's mean (median) s/step; cores kept busy "
+              f"by other processes when each condition began (its rounds): "
+              + "; ".join(f"{c} {seen.get(c)}" for c in args.conditions))
+        others = [c for c in args.conditions if c != "idle"]
+        head = ["setting", "threads at the end"] + [f"{c} s/step" for c in args.conditions]
+        head += [f"{c} vs 1 thread" for c in args.conditions]
+        head += [f"{c} / idle" for c in others] if "idle" in args.conditions else []
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for st in args.settings:
+            row = [st, " ".join(f"{c}:{threads[(st, c)]}" for c in args.conditions)]
+            row += [f"{mean[(st, c)]:.4f} ({med[(st, c)]:.4f})" for c in args.conditions]
+            row += [f"{mean[(st, c)] / mean[('1', c)]:.2f}" if ("1", c) in mean else "-" for c in args.conditions]
+            if "idle" in args.conditions:
+                row += [f"{mean[(st, c)] / mean[(st, 'idle')]:.2f}" for c in others]
+            print("| " + " | ".join(row) + " |")
         print("(ratios are time ratios: below 1 is faster than one thread)", flush=True)
 
 

@@ -7,6 +7,11 @@ indicative only.
 
     python bench/fields.py [--points 65536] [--threads 1] [--log2-table 15] [--no-memory] [--profile 15]
 
+``--chunking`` instead compares, alternated in one process, forward+backward at one thread, at two
+threads with one thread's chunk (``CHUNK_PER_THREAD`` off) and at two threads with chunks scaled by
+the thread count (on): run it on an idle machine, once as it is and once with ``GOMP_SPINCOUNT`` or
+``OMP_WAIT_POLICY`` set in the environment to see the OpenMP runtime's share.
+
 ``--profile N`` instead prints the N operators with the most self CPU time in lift3d's
 forward+backward at 8 levels (torch.profiler, 5 runs after a warm-up), to see which ones a second
 thread speeds up or slows down (run it at ``--threads 1`` and ``--threads 2``).
@@ -137,6 +142,33 @@ def profile(n_top: int, n_points: int, log2_table: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n_top))
 
 
+def chunking(n_points: int, log2_table: int, rounds: int = 7) -> None:
+    """Mpts/s forward+backward: 1 thread, 2 threads with 1 thread's chunks, 2 threads with scaled chunks."""
+    import os
+    import statistics
+
+    variants = [("1 thread", 1, False), ("2 threads, 1 thread's chunk", 2, False), ("2 threads, chunk x threads", 2, True)]
+    x = torch.rand(n_points, 3)
+    env = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
+    print(f"hash grid forward+backward, {n_points} points, table 2^{log2_table}; {env or 'OpenMP defaults'}; "
+          f"{rounds} rounds alternating the variants, each the median of 5 runs")
+    print("| levels | variant | Mpts/s (median of rounds) | vs 1 thread | rounds |")
+    print("|---|---|---|---|---|")
+    for n_levels in (8, 16):
+        enc = build("lift3d", n_levels, log2_table)
+        got: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+        for _ in range(rounds):
+            for name, threads, per_thread in variants:
+                torch.set_num_threads(threads)
+                HashGridEncoding.CHUNK_PER_THREAD = per_thread
+                got[name].append(measure(enc, x)[1] / 1e6)
+        HashGridEncoding.CHUNK_PER_THREAD = True
+        base = statistics.median(got["1 thread"])
+        for name, _, _ in variants:
+            m = statistics.median(got[name])
+            print(f"| {n_levels} | {name} | {m:.3f} | {m / base:.2f}x | {' '.join(f'{v:.2f}' for v in got[name])} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", type=int, default=65536)
@@ -146,7 +178,10 @@ def main() -> None:
     ap.add_argument("--log2-table", type=int, default=15)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest operators and stop")
+    ap.add_argument("--chunking", action="store_true", help="compare chunk sizing at 1 and 2 threads and stop")
     args = ap.parse_args()
+    if args.chunking:
+        return chunking(args.points, args.log2_table)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.profile:

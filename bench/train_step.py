@@ -47,7 +47,8 @@ DEFAULT_VARIANTS = [
 ]
 
 
-def run_variant(config: str, overrides: list[str], resume: str | None, warmup: int, steps: int) -> dict:
+def run_variant(config: str, overrides: list[str], resume: str | None, warmup: int, steps: int,
+                callbacks: list | None = None) -> dict:
     import lightning.pytorch as pl
 
     from lift3d.launch import load_experiment
@@ -85,11 +86,12 @@ def run_variant(config: str, overrides: list[str], resume: str | None, warmup: i
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=start + warmup + steps, max_epochs=-1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         callbacks=[Clock()], plugins=[AtomicCheckpointIO()], inference_mode=False)
+                         callbacks=[Clock(), *(callbacks or [])], plugins=[AtomicCheckpointIO()],
+                         inference_mode=False)
     trainer.fit(system, datamodule=dm, ckpt_path=resume, weights_only=True)
     save.cleanup()
     timed = times[warmup:]
-    return {"median_s": statistics.median(timed),
+    return {"median_s": statistics.median(timed), "mean_s": statistics.fmean(timed),
             "samples": statistics.median(samples[warmup:]) if samples[warmup:] else None}
 
 

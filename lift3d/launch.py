@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show every loss term and full tracebacks")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, data, checkpoint and prompt as the run would, then stop: nothing is written")
+    p.add_argument("--threads", default=None, metavar="N|auto",
+                   help="torch CPU threads: a count, or auto (from the command line, the default: OMP_NUM_THREADS "
+                        "if set, else the cores other processes leave free)")
     return p
 
 
@@ -377,13 +380,19 @@ def _record_configs(trial: Path, raw: Any, data: dict, args: argparse.Namespace,
     raise ConfigError(f"{hist}: too many history records")
 
 
-def run(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None, threads: Optional[int] = None) -> int:
+    """One launch. ``threads``: the count :func:`main` chose before torch loaded (None: leave torch's)."""
     args, extras = build_parser().parse_known_args(argv)
     bad = [e for e in extras if e.startswith("-")]
     if bad:
         raise ConfigError(f"unknown flag(s): {' '.join(bad)}; see --help (overrides look like key=value)")
     check_overrides(extras)
     check_config_file(args.config)
+    if threads is not None:
+        from lift3d.utils.threads import apply_threads, thread_note
+
+        apply_threads(threads)
+        print(f"[lift3d] {thread_note()}", flush=True)
 
     from lift3d.registry import find, load_plugins
 
@@ -513,7 +522,32 @@ def _export(system: Any, trial: Path) -> None:
         print(f"[lift3d] exported {kind}: {path}")
 
 
+def choose_launch_threads(argv: list[str] | None) -> Optional[int]:
+    """The torch thread count for this launch, chosen before torch is imported (see
+    :mod:`lift3d.utils.threads`): from the command line (``argv`` None) always, ``--threads`` or
+    auto; when called in-process with an explicit ``argv``, only if it has ``--threads`` (a
+    program that embeds lift3d keeps its own settings otherwise)."""
+    from lift3d.utils import threads as th
+
+    words = sys.argv[1:] if argv is None else argv
+    req = th.requested_threads(words)
+    if argv is not None and req is None:
+        return None
+    try:
+        th.parse_requested(req)
+    except ValueError as exc:
+        raise ConfigError(f"--threads {req!r}: {exc}") from None
+    # OpenMP's spin is read when torch loads; once it is loaded, setting it only misleads the log.
+    spin = th.SPIN_COUNT if "torch" not in sys.modules else None
+    return th.prepare_threads(req, spin_count=spin, govern=argv is None)
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        threads = choose_launch_threads(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     from lift3d.exporters.base import IncompleteExportError
     from lift3d.geometry.base import IsosurfaceError
     from lift3d.registry import PluginImportError, RegistryError
@@ -521,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
 
     verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])
     try:
-        code = run(argv)
+        code = run(argv, threads)
     except (ConfigError, RegistryError, PluginImportError) as exc:
         if verbose:
             traceback.print_exc()

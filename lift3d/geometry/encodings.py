@@ -318,13 +318,14 @@ class HashGridEncoding(nn.Module):
     whose (power-of-two padded) vertex grid fits in ``2**log2_hashmap_size`` entries is stored
     densely, finer ones are hashed into that many entries.
 
-    The torch path walks points in chunks of ``CHUNK_LEVEL_POINTS // n_levels`` points, at most
-    ``chunk_size``.
+    The torch path walks points in chunks of ``CHUNK_LEVEL_POINTS // n_levels`` points per torch
+    thread, at most ``chunk_size``.
     """
 
-    # Points x levels per chunk: sized so a chunk's work buffers stay in a core's L2 cache
-    # (bench/README.md has the sweep that chose it).
+    # Points x levels per chunk and thread: sized so each thread's share of a chunk's work buffers
+    # stays in a core's L2 cache (bench/README.md has the sweeps that chose both).
     CHUNK_LEVEL_POINTS = 16384
+    CHUNK_PER_THREAD = True
 
     def __init__(
         self,
@@ -402,7 +403,8 @@ class HashGridEncoding(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _chunk_points(self, n_points: int) -> int:
-        return max(1, min(self.chunk_size, self.CHUNK_LEVEL_POINTS // self.n_levels, n_points))
+        budget = self.CHUNK_LEVEL_POINTS * (torch.get_num_threads() if self.CHUNK_PER_THREAD else 1)
+        return max(1, min(self.chunk_size, budget // self.n_levels, n_points))
 
     def _corners(self, xT: Tensor) -> tuple[Tensor, Tensor]:
         """Table columns and trilinear weights of the 8 cell corners per level: ([L, 8, n], [L, 8, n]).

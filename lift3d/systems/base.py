@@ -94,6 +94,7 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
         self.__dict__["_guidance_signatures"] = {}
         self.__dict__["_pending_guidance_states"] = {}
         self.__dict__["_prompt_processor"] = None
+        self.__dict__["_prompt_signature"] = None
         self.__dict__["_prompt_utils"] = None
         self._test_frames: list[Any] = []
 
@@ -108,10 +109,9 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
     def validate_config(self) -> None:
         """Parse every stage's slots, the prompt processor and the exporter strictly, and check that
         each guidance gets what it requires; raises ConfigError naming the key."""
-        self._parse_slot("prompt-processor", self.cfg.prompt_processor_type, self.cfg.prompt_processor,
-                         f"{self._cfg_key}.prompt_processor")
         self._parse_slot("exporter", self.cfg.exporter_type, self.cfg.exporter, f"{self._cfg_key}.exporter")
         for idx in range(len(self.stages)):
+            self._parse_slot("prompt-processor", *self.slot_spec(idx, "prompt_processor"))
             parsed = {slot: self._parse_slot(slot, *self.slot_spec(idx, slot)) for slot in SCENE_SLOTS + ("renderer",)}
             for spec in self.guidance_specs(idx).values():
                 cls, gcfg = self._parse_slot("guidance", spec.type, spec.config, spec.key)
@@ -142,9 +142,9 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
         machine; a MissingWeightsError naming the key, the id and the download command otherwise."""
         from lift3d.utils.hub import MissingWeightsError
 
-        slots = [("prompt-processor", self.cfg.prompt_processor_type, self.cfg.prompt_processor,
-                  f"{self._cfg_key}.prompt_processor")]
+        slots = []
         for idx in range(len(self.stages)):
+            slots.append(("prompt-processor", *self.slot_spec(idx, "prompt_processor")))
             slots += [("guidance", spec.type, spec.config, spec.key) for spec in self.guidance_specs(idx).values()]
         for category, typ, conf, key in slots:
             cls, cfg = self._parse_slot(category, typ, conf, key)
@@ -270,16 +270,23 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
 
     @property
     def prompt_processor(self) -> Any:
-        if self._prompt_processor is None:
-            self.__dict__["_prompt_processor"] = find(self.cfg.prompt_processor_type, "prompt-processor")(
-                self.cfg.prompt_processor, cfg_key=f"{self._cfg_key}.prompt_processor", prov=self._prov)
+        """The current stage's prompt processor, built on first use and again when a stage changes it
+        (its type or settings); the last one is kept while the stages agree."""
+        typ, conf, key = self.slot_spec(self.stage_index, "prompt_processor")
+        sig = (typ, repr(conf))
+        if self._prompt_processor is None or self._prompt_signature != sig:
+            self.__dict__["_prompt_processor"] = find(typ, "prompt-processor")(conf, cfg_key=key, prov=self._prov)
+            self.__dict__["_prompt_signature"] = sig
+            self.__dict__["_prompt_utils"] = None
         return self._prompt_processor
 
     @property
     def prompt_utils(self) -> Any:
-        """The prompt processor's output, computed once (at fit start, or when a guidance first asks)."""
+        """The current prompt processor's output, computed once per processor (at fit start, at a
+        stage switch that changes the processor, or when a guidance first asks)."""
+        processor = self.prompt_processor
         if self._prompt_utils is None:
-            out = self.prompt_processor()
+            out = processor()
             self.__dict__["_prompt_utils"] = out.to(self.device) if hasattr(out, "to") else out
         return self._prompt_utils
 
@@ -288,7 +295,7 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
         old = self.stage_index
         if idx == old:
             return
-        changed = {slot for slot in MODULE_SLOTS if slot != "guidance"
+        changed = {slot for slot in MODULE_SLOTS + ("prompt_processor",) if slot != "guidance"
                    and self.slot_spec(idx, slot)[:2] != self.slot_spec(old, slot)[:2]}
         old_g, new_g = self.guidance_specs(old), self.guidance_specs(idx)
         changed |= {f"guidance:{n}" if n != MAIN_GUIDANCE else "guidance" for n in set(old_g) | set(new_g)
@@ -311,6 +318,8 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
             self.renderer.set_scene(self.geometry, self.material, self.background)
         training = self._trainer is not None and self.trainer.training
         if training:
+            if "prompt_processor" in changed:
+                self.prompt_utils  # noqa: B018  (the new stage's embeddings, before its first step)
             self.guidance_modules()  # the new stage's guidances, before its first step's update hooks
             self.trainer.strategy.setup_optimizers(self.trainer)
             # Lightning attaches its step counting to the optimizers when the loop starts: attach it

@@ -72,6 +72,10 @@ class StageConfig:
     guidance: Optional[dict[str, Any]] = None
     guidances: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
     """Named guidances: merged over the current ones by name; ``null`` removes one."""
+    prompt_processor_type: Optional[str] = None
+    """Swap the prompt processor (e.g. T5 states for DeepFloyd IF, then CLIP states for Stable Diffusion)."""
+    prompt_processor: Optional[dict[str, Any]] = None
+    """Prompt processor config: merged over the current one if the type is unchanged, else used alone."""
     loss: dict[str, Any] = field(default_factory=dict)
     """Loss weights merged over the system's (and earlier stages')."""
     optimizer: Optional[dict[str, Any]] = None

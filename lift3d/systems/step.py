@@ -21,6 +21,7 @@ from lift3d.registry import RegistryError, find, registered
 from lift3d.systems.regularizers import SUFFIX, registry_name
 from lift3d.systems.stages import MAIN_GUIDANCE
 from lift3d.utils.checkpoint import LastCheckpoint, NonFiniteLossError, describe_parameter, diverged_parameter
+from lift3d.utils.threads import poll_threads
 
 
 class TrainingStepMixin:
@@ -92,6 +93,7 @@ class TrainingStepMixin:
     # ------------------------------------------------------------------ the step
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        poll_threads()  # the automatic thread count follows the machine's load (lift3d.utils.threads)
         step = self.global_step
         idx = self.stage_at(step)
         if idx != self.stage_index:

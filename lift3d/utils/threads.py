@@ -3,32 +3,39 @@
 Intra-op threads pay off only on cores nobody else wants. Beside other CPU-bound work, every
 parallel region waits for its slowest thread, and that thread shares its core; with OpenMP's
 default wait policy the waiting threads also spin at each barrier, taking the cycles the slow one
-needs. On a 2-core machine with other jobs running, tiny dreamfusion took 120-162 s for 40 steps at
-torch's default of two threads against 19-37 s at one (bench/README.md, "Threads on a busy machine").
+needs. On a 2-core machine, tiny dreamfusion beside one busy process ran 12.6x slower at torch's
+default two threads than at one thread (bench/README.md, "Threads on a busy machine").
 
-Two things help, and both must happen at the right moment:
+Three things help, measured on that machine:
 
-1. ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at barriers instead of spinning). torch's OpenMP
-   runtime reads it once, when the library loads, so it must be in ``os.environ`` before the first
-   ``import torch`` anywhere in the process. :func:`prepare_threads` sets it (unless the
-   environment already says otherwise) and must run first.
-2. A thread count that leaves out the cores other processes keep busy. :func:`prepare_threads`
-   measures that: the CPU time of every core this process may run on, from ``/proc/stat``, over a
-   short window (0.2 s), minus this process's own CPU time (so a process that calls it twice does
-   not count itself). Where ``/proc/stat`` is missing, the 1-minute load average stands in.
-   :func:`apply_threads` then gives the count to torch.
+1. The thread count leaves out the cores other processes keep busy. :func:`prepare_threads`
+   measures that at start-up: the CPU time of every core this process may run on, from
+   ``/proc/stat``, over a short window (0.2 s), minus this process's own CPU time (so a process
+   that asks twice does not count itself). Where ``/proc/stat`` is missing, the 1-minute load
+   average stands in. :func:`apply_threads` gives the count to torch.
+2. The count follows the load during the run: with the automatic choice, :func:`prepare_threads`
+   starts a :class:`ThreadGovernor`, and :func:`poll_threads` (called by every training step)
+   measures the load again every 0.25 s from the same counters, without sleeping; a process that
+   arrives takes its core away from torch at the next poll, and the core comes back once it has
+   been free for two polls in a row.
+3. A bounded spin: waiting OpenMP threads spin ``GOMP_SPINCOUNT`` (30000) times, then sleep.
+   Spinning keeps an idle machine fast (``OMP_WAIT_POLICY=PASSIVE``, no spinning, made two threads
+   slower than one on the idle machine); the bound limits the damage in the second before the
+   governor reacts. libgomp (torch's OpenMP runtime on Linux) reads it once, when torch loads, so
+   :func:`prepare_threads` must run before the first ``import torch`` in the process. It is left
+   alone where the environment sets ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``.
 
-This module must not import torch at module level (that would defeat point 1). Usage::
+This module must not import torch at module level (that would defeat point 3). Usage::
 
     from lift3d.utils.threads import apply_threads, prepare_threads, requested_threads
     n = prepare_threads(requested_threads(sys.argv[1:]))   # before torch is imported
     import torch                     # (or anything that imports it)
     apply_threads(n)
 
-A number asked for is used as it is; ``None``/``"auto"`` take ``OMP_NUM_THREADS`` when the
-environment sets it, and otherwise measure the load. The thread count can change a run's numbers
-in the last bits (parallel reductions split their work by thread), so the automatic choice makes a
-run's result depend on the load unless a count is given.
+A number asked for is used as it is, for the whole run; ``None``/``"auto"`` take
+``OMP_NUM_THREADS`` when the environment sets it, and otherwise measure the load (and govern).
+The thread count can change a run's numbers in the last bits (parallel reductions split their work
+by thread), so the automatic choice makes a run's result depend on the load unless a count is given.
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ from typing import Iterable, MutableMapping, Optional, Union
 
 #: Seconds :func:`measure_other_load` watches the CPU counters for at start-up.
 PROBE_SECONDS = 0.2
+#: ``GOMP_SPINCOUNT`` set by :func:`prepare_threads`: iterations a waiting OpenMP thread spins before it sleeps.
+SPIN_COUNT = 30000
+#: Seconds between two load measurements of the :class:`ThreadGovernor`.
+GOVERN_SECONDS = 0.25
 
 Requested = Union[int, str, None]
 
@@ -175,7 +186,8 @@ def threads_for_load(cores: int, other_load: float, physical: Optional[int] = No
     return max(1, min(cap, cores - taken))
 
 
-def _parse_requested(requested: Requested) -> Optional[int]:
+def parse_requested(requested: Requested) -> Optional[int]:
+    """A thread count asked for, None for automatic (None, 0, "" or "auto"); ValueError otherwise."""
     if requested is None:
         return None
     if isinstance(requested, str):
@@ -200,7 +212,7 @@ def choose_threads(requested: Requested = None, environ: Optional[MutableMapping
     (:func:`measure_other_load`, else :func:`load_average`); tests pass them in.
     """
     env = os.environ if environ is None else environ
-    n = _parse_requested(requested)
+    n = parse_requested(requested)
     if n is not None:
         return ThreadChoice(n, cores or usable_cores(), None, f"{n} (asked for)")
     omp = env.get("OMP_NUM_THREADS", "").strip()
@@ -248,23 +260,30 @@ def requested_threads(argv: Iterable[str]) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------------- the two calls
 def prepare_threads(requested: Requested = None, environ: Optional[MutableMapping[str, str]] = None,
-                    wait_policy: Optional[str] = "PASSIVE", probe_seconds: float = PROBE_SECONDS) -> int:
-    """Choose the thread count and set the OpenMP wait policy; call it before torch is imported.
+                    wait_policy: Optional[str] = None, probe_seconds: float = PROBE_SECONDS,
+                    spin_count: Optional[int] = SPIN_COUNT, govern: bool = True) -> int:
+    """Choose the thread count and the OpenMP spin; call it before torch is imported.
 
     ``requested``: a positive int is used as given; None, 0 or "auto" choose (``OMP_NUM_THREADS``
-    if the environment sets it, else from the measured load). ``wait_policy`` goes into
-    ``OMP_WAIT_POLICY`` unless the environment already has one (None: leave it alone). Returns the
-    count to pass to :func:`apply_threads`; :func:`thread_note` says how it was chosen.
+    if the environment sets it, else from the measured load, and then, with ``govern``, a
+    :class:`ThreadGovernor` keeps choosing during the run). Unless the environment has
+    ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``: ``wait_policy`` given goes into ``OMP_WAIT_POLICY``,
+    else ``spin_count`` into ``GOMP_SPINCOUNT`` (None: leave both alone). Returns the count to pass
+    to :func:`apply_threads`; :func:`thread_note` says how it was chosen.
     """
-    global _LAST
+    global _LAST, _GOVERNOR
     env = os.environ if environ is None else environ
-    if wait_policy and "OMP_WAIT_POLICY" not in env:
-        env["OMP_WAIT_POLICY"] = wait_policy
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env and (wait_policy or spin_count is not None):
+        if wait_policy:
+            env["OMP_WAIT_POLICY"] = wait_policy
+        else:
+            env["GOMP_SPINCOUNT"] = str(int(spin_count))
         if environ is None and "torch" in sys.modules:
             warnings.warn("lift3d.utils.threads.prepare_threads ran after torch was imported: OpenMP read "
-                          "its wait policy when torch loaded, so OMP_WAIT_POLICY has no effect in this process",
-                          RuntimeWarning, stacklevel=2)
+                          "its wait policy and spin count when torch loaded, so setting them has no effect "
+                          "in this process", RuntimeWarning, stacklevel=2)
     _LAST = choose_threads(requested, env, probe_seconds=probe_seconds)
+    _GOVERNOR = ThreadGovernor(_LAST.threads) if govern and _LAST.other_load is not None else None
     return _LAST.threads
 
 
@@ -280,10 +299,103 @@ def apply_threads(n: int) -> int:
 
 
 def thread_note() -> str:
-    """One line for the log: the last choice of :func:`prepare_threads` and the wait policy."""
+    """One line for the log: the last choice of :func:`prepare_threads` and the OpenMP settings."""
     if _LAST is None:
         return "threads: not chosen by lift3d (torch's default)"
-    return f"threads: {_LAST.reason}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    omp = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
+    follows = "; follows the load during the run" if _GOVERNOR is not None else ""
+    return f"threads: {_LAST.reason}{follows}; {omp or 'OpenMP defaults'}"
+
+
+# ---------------------------------------------------------------------------------------------- during the run
+class ThreadGovernor:
+    """Re-chooses torch's thread count while a run goes on, from the load other processes put on
+    this process's cores (the same policy as at start-up, :func:`threads_for_load`).
+
+    :meth:`poll` is cheap when called often: it reads the CPU counters at most every ``interval``
+    seconds and measures over the time since the last reading (nothing sleeps). Fewer threads take
+    effect at once; more only after two readings in a row agree, so a short pause of another job
+    does not flip the count back and forth.
+    """
+
+    def __init__(self, threads: int, cores: Optional[int] = None, physical: Optional[int] = None,
+                 interval: float = GOVERN_SECONDS, cpus: Optional[Iterable[int]] = None):
+        if cpus is None:
+            try:
+                cpus = sorted(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                cpus = None
+        self.cpus = None if cpus is None else list(cpus)
+        self.cores = cores or usable_cores()
+        if physical is None and self.cpus is not None:
+            physical = physical_cores(self.cpus)
+        self.physical = physical
+        self.interval = interval
+        self.threads = threads
+        self.changes: list[tuple[int, int, float]] = []
+        """(from, to, other processes' load) of every change made."""
+        self._pending: Optional[int] = None
+        self._last: Optional[tuple[int, float, float]] = None
+
+    def _reading(self) -> Optional[tuple[int, float, float]]:
+        try:
+            busy, _ = parse_proc_stat(_read_proc_stat(), self.cpus)
+        except (OSError, ValueError):
+            return None
+        return busy, _own_cpu_seconds(), time.monotonic()
+
+    def poll(self) -> Optional[int]:
+        """Measure if ``interval`` has passed; returns the new count when it changed, else None."""
+        now = time.monotonic()
+        if self._last is not None and now - self._last[2] < self.interval:
+            return None
+        reading = self._reading()
+        if reading is None:
+            return None
+        last, self._last = self._last, reading
+        if last is None:
+            return None
+        try:
+            hz = os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, AttributeError):
+            return None
+        wall = max(reading[2] - last[2], 1e-6)
+        other = max(0.0, ((reading[0] - last[0]) / hz - (reading[1] - last[1])) / wall)
+        want = threads_for_load(self.cores, other, self.physical)
+        if want == self.threads:
+            self._pending = None
+            return None
+        if want > self.threads and self._pending != want:
+            self._pending = want  # more threads: only when the next reading agrees
+            return None
+        self._pending = None
+        self.changes.append((self.threads, want, other))
+        self.threads = want
+        return want
+
+
+_GOVERNOR: Optional[ThreadGovernor] = None
+
+
+def poll_threads() -> Optional[int]:
+    """Let the governor started by :func:`prepare_threads` re-choose torch's thread count (no-op
+    without one: a count asked for, ``OMP_NUM_THREADS``, or lift3d used as a library). Returns the
+    new count when it changed."""
+    if _GOVERNOR is None:
+        return None
+    n = _GOVERNOR.poll()
+    if n is not None:
+        apply_threads(n)
+        frm, to, other = _GOVERNOR.changes[-1]
+        print(f"[lift3d] threads: {frm} -> {to} (other processes keep {other:.1f} of {_GOVERNOR.cores} cores busy)",
+              flush=True)
+    return n
+
+
+def stop_governing() -> None:
+    """Keep the current thread count from now on."""
+    global _GOVERNOR
+    _GOVERNOR = None
 
 
 def last_choice() -> Optional[ThreadChoice]:
@@ -291,5 +403,5 @@ def last_choice() -> Optional[ThreadChoice]:
     return _LAST
 
 
-__all__ = ["ThreadChoice", "apply_threads", "choose_threads", "last_choice", "load_average", "measure_other_load",
+__all__ = ["SPIN_COUNT", "ThreadChoice", "ThreadGovernor", "poll_threads", "stop_governing", "apply_threads", "choose_threads", "last_choice", "load_average", "measure_other_load", "parse_requested",
            "parse_proc_stat", "physical_cores", "prepare_threads", "requested_threads", "thread_note", "threads_for_load", "usable_cores"]

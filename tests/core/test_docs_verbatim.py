@@ -10,7 +10,10 @@ The docs describe their blocks in a way this test reads:
 * each command of a bash block runs in the scratch checkout, in order: ``python launch.py ...`` with
   ``--dry-run`` appended (in-process, ``exp_root_dir`` under tmp_path), the toy prior's command
   line for real (it renders one small image), ``make ...`` as ``make -n`` (its ``launch.py`` lines
-  dry-run in turn), ``source .venv/bin/activate`` against what ``make setup`` creates.
+  dry-run in turn), ``source .venv/bin/activate`` against what ``make setup`` creates. A
+  ``launch.py`` command after ``hf download <id>`` in the docs passes when its dry run gets as far
+  as the weights check and stops there for exactly an id the docs download (the weights cannot be
+  here; everything checked before them, config, data and optimizer, has passed).
 
 A recipe file no command uses is dry-run with ``--train``. Anything else fails, naming the doc and
 line, until the docs or this test say how to check it.
@@ -37,6 +40,7 @@ from omegaconf import OmegaConf
 import lift3d.launch as launch
 import lift3d.registry as registry
 from lift3d.config import load_config
+from lift3d.utils.hub import MissingWeightsError
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = ["README.md"] + sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))
@@ -124,6 +128,7 @@ class DocRunner:
     def __init__(self, doc: str, root: Path, out: Path):
         self.doc, self.root, self.out = doc, root, out
         self.used_configs: set[str] = set()
+        self.downloaded: set[str] = set()  # ids of `hf download` commands read so far
         self.failures: list[str] = []
 
     def fail(self, block: Block, what: str) -> None:
@@ -209,6 +214,7 @@ class DocRunner:
         recipes = "\n".join(p.read_text() for p in (REPO / "configs").glob("*.yaml"))
         if not repo_id or repo_id not in recipes:
             self.fail(b, f"`{' '.join(argv)}`: no recipe in configs/ reads {repo_id!r}")
+        self.downloaded.add(repo_id)
 
     def _make_n(self, b: Block, args: list[str]) -> str | None:
         if shutil.which("make") is None:
@@ -250,6 +256,10 @@ class DocRunner:
         try:
             with contextlib.redirect_stdout(stdout):
                 code = launch.run(argv)
+        except MissingWeightsError as exc:
+            if any(f"`hf download {i}`" in str(exc) for i in self.downloaded):
+                return None  # the docs told the reader to download exactly these weights first
+            return self.fail(b, f"`{shown}` needs weights the docs do not download first: {exc}")
         except Exception as exc:  # noqa: BLE001 - every failure is reported with the doc's line
             return self.fail(b, f"`{shown}`{' (from ' + via + ')' if via else ''} fails its dry run: "
                                 f"{type(exc).__name__}: {exc}")

@@ -103,6 +103,8 @@ def test_a_stage_can_add_change_and_remove_named_guidances():
      "system.guidances.x.guidance.*wieght"),
     ("a named guidance's slot", {"guidances": {"x": {"guidance_type": "test-target-guidance", "view": "ref"}}},
      "system.guidances.x.*view"),
+    ("a later stage's prompt processor", {"stages": [{"name": "a", "steps": 1}, {
+        "name": "b", "steps": 1, "prompt_processor": {"promt": "x"}}]}, r"system.stages\[1\].prompt_processor.*promt"),
     ("a later stage's renderer", {"stages": [{"name": "a", "steps": 1}, {"name": "b", "steps": 1,
                                                                        "renderer": {"opacty": 1.0}}]},
      r"system.stages\[1\].renderer.*opacty"),
@@ -172,3 +174,43 @@ def test_a_point_guidance_needs_a_point_geometry_and_gets_its_points(tmp_path):
     before = system.geometry.xyz.detach().norm(dim=-1).mean()
     fit(system, RandomCameraDataModule(DATA, seed=0), 10, tmp_path)
     assert system.geometry.xyz.detach().norm(dim=-1).mean() < before
+
+
+def test_a_stage_can_swap_the_prompt_processor(tmp_path, monkeypatch):
+    # IF's coarse stage reads T5 states, SD's fine stage CLIP states: each stage's guidance must get
+    # its own processor's output, computed once per processor, also after a resume into the stage.
+    from conftest import TargetGuidance
+    from lift3d.prompts.base import PlainPromptProcessor
+
+    seen, calls = [], []
+    forward, call = TargetGuidance.forward, PlainPromptProcessor.__call__
+
+    def spy_forward(self, inp, *a, **k):
+        seen.append(inp.prompt.prompt)
+        return forward(self, inp, *a, **k)
+
+    def spy_call(self, *a, **k):
+        calls.append(self.cfg.prompt)
+        return call(self, *a, **k)
+
+    monkeypatch.setattr(TargetGuidance, "forward", spy_forward)
+    monkeypatch.setattr(PlainPromptProcessor, "__call__", spy_call)
+    cfg = tiny_system_config(prompt_processor={"prompt": "a red cube"}, stages=[
+        {"name": "a", "steps": 2},
+        {"name": "b", "steps": 2, "prompt_processor": {"prompt": "a blue cube"}},
+        {"name": "c", "steps": 2, "loss": {"lambda_mse": 0.5}},
+    ])
+    system = TextTo3DSystem(cfg, seed=0)
+    assert sorted(system.slot_spec(1, "prompt_processor")[1].items()) == [
+        ("prompt", "a blue cube")]
+    fit(system, RandomCameraDataModule(DATA, seed=0), 6, tmp_path)
+    assert seen == ["a red cube"] * 2 + ["a blue cube"] * 4
+    assert calls == ["a red cube", "a blue cube"]  # stage c keeps stage b's processor and its output
+
+    (ckpt,) = tmp_path.glob("ckpts/*.ckpt")
+    seen.clear(), calls.clear()
+    resumed = TextTo3DSystem(cfg, seed=0)
+    state = torch.load(ckpt, weights_only=True)
+    state["global_step"], state["lift3d"]["stage_index"] = 3, 1  # mid-stage b
+    resumed.check_checkpoint(state, "test")
+    assert resumed.prompt_utils.prompt == "a blue cube" and calls == ["a blue cube"]

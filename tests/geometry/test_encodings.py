@@ -202,3 +202,23 @@ def test_tcnn_encoding_matches_torch_interface_and_trains():
             opt.step()
         losses.append(float(loss))
     assert losses[0] < 0.05 and losses[1] < 0.05
+
+
+def test_chunks_grow_with_the_thread_count_and_change_nothing_but_speed(monkeypatch):
+    # Each thread's share of a chunk stays the size one thread works best with.
+    enc, _ = small_grid(n_levels=8, chunk_size=10**9)
+    x = torch.rand(20000, 3)
+    out1 = enc(x)
+    out1.sum().backward()
+    g1 = enc.embeddings.grad.clone()
+    enc.embeddings.grad = None
+    assert enc._chunk_points(10**6) == HashGridEncoding.CHUNK_LEVEL_POINTS // 8
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert enc._chunk_points(10**6) == 3 * HashGridEncoding.CHUNK_LEVEL_POINTS // 8
+    monkeypatch.setattr(HashGridEncoding, "CHUNK_PER_THREAD", False)
+    assert enc._chunk_points(10**6) == HashGridEncoding.CHUNK_LEVEL_POINTS // 8
+    monkeypatch.setattr(HashGridEncoding, "CHUNK_PER_THREAD", True)
+    out3 = enc(x)  # 10 chunks of 2048 points become 4 of 6144
+    out3.sum().backward()
+    torch.testing.assert_close(out3, out1, rtol=0, atol=0)
+    torch.testing.assert_close(enc.embeddings.grad, g1, rtol=1e-5, atol=1e-6)  # summed in another order
