@@ -99,6 +99,12 @@ class ExperimentConfig:
     """Stable Diffusion weights (a folder or a Hugging Face id) for recipes that interpolate ``${sd_model}``."""
     if_model: str = ""
     """DeepFloyd IF stage I weights (a folder or a Hugging Face id) for recipes that interpolate ``${if_model}``."""
+    mvdream_model: str = ""
+    """MVDream's checkpoint (a file, a folder holding it, or a Hugging Face id) for recipes that
+    interpolate ``${mvdream_model}``."""
+    zero123_model: str = ""
+    """Zero123 / Stable Zero123 weights (a diffusers-format folder, a Hugging Face id, or an original
+    checkpoint file) for recipes that interpolate ``${zero123_model}``."""
     resume: Optional[str] = None
     """Checkpoint to continue from (training) or to load (validate/test/export)."""
     data_type: str = "random-camera-datamodule"
@@ -422,6 +428,9 @@ def run(argv: list[str] | None = None, threads: Optional[int] = None) -> int:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     system = find(cfg.system_type, "system")(cfg.system, cfg_key="system", prov=prov, seed=cfg.seed)
     system.verbose = args.verbose
+    if args.train:
+        # Before the data: a recipe missing its weights (an image-to-3D one too) says so first.
+        system.check_weights()
     stage_plan = [(start, dict(st.data)) for start, st in zip(system.stage_starts(), system.cfg.stages)]
     dm = find(cfg.data_type, "data")(cfg.data, cfg_key="data", prov=prov, seed=cfg.seed, stage_plan=stage_plan)
     if args.train:

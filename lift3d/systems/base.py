@@ -219,10 +219,18 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
     def check_data(self, datamodule: Any) -> None:
         """Check at start-up that the data module yields what the guidances read."""
         provides_ref = bool(getattr(datamodule, "provides_reference", False))
+        data_views = getattr(getattr(datamodule, "cfg", None), "n_views", None)
         for idx in range(len(self.stages)):
             for spec in self.guidance_specs(idx).values():
                 cls = find(spec.type, "guidance")
-                needs = cls.requires(parse_structured(cls.Config, spec.config, key=spec.key, prov=self._prov))
+                gcfg = parse_structured(cls.Config, spec.config, key=spec.key, prov=self._prov)
+                needs = cls.requires(gcfg)
+                group = getattr(gcfg, "n_views", None)
+                if spec.views != "ref" and isinstance(group, int) and data_views is not None and group != data_views:
+                    raise ConfigError(
+                        f"{spec.key}.n_views: guidance {spec.type!r} scores views in groups of {group}, but the data "
+                        f"module samples groups of data.n_views = {data_views}; set data.n_views: {group} and "
+                        f"data.batch_size to a multiple of it")
                 if (spec.views == "ref" or "cond_image" in needs) and not provides_ref:
                     raise ConfigError(
                         f"{spec.key}: guidance {spec.type!r} needs a reference image, but data_type "

@@ -35,6 +35,9 @@ TINY_PRIORS = {
     # loaded by path: tests/guidance is not on sys.path when this file runs alone
     "stable-diffusion": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_sd.py"))["smoke_overrides"](tmp),
     "deepfloyd": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_if.py"))["tiny_if_prior"](tmp),
+    "zero123": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_zero123.py"))["smoke_overrides"](tmp),
+    "toyworld-mv": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_toyworld_mv.py"))["smoke_overrides"](tmp),
+    "mvdream": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_mvdream.py"))["smoke_overrides"](tmp),
 }
 
 #: ``${sd_model}``: a guidance setting taken from a top-level key of the recipe.
@@ -103,7 +106,7 @@ def test_two_step_smoke_run(config, tmp_path):
         system["stages"][0]["steps"] = 2
     raw["trainer"] = {**raw.get("trainer", {}), "max_steps": 2, "val_check_interval": 1, "enable_progress_bar": False}
     raw["data"] = {**raw.get("data", {}), "height": 16, "width": 16, "eval_height": 16, "eval_width": 16,
-                   "n_val_views": 1, "n_test_views": 2, "batch_size": 1}
+                   "n_val_views": 1, "n_test_views": 2, "batch_size": raw.get("data", {}).get("n_views", 1)}
     raw.setdefault("system", {}).setdefault("exporter", {})["texture_size"] = 64
     raw["exp_root_dir"] = str(tmp_path / "out")
     _input_image_if_needed(raw, tmp_path)

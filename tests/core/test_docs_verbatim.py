@@ -13,7 +13,7 @@ The docs describe their blocks in a way this test reads:
   dry-run in turn), ``source .venv/bin/activate`` against what ``make setup`` creates. A
   ``launch.py`` command after ``hf download <id>`` in the docs passes when its dry run gets as far
   as the weights check and stops there for exactly an id the docs download (the weights cannot be
-  here; everything checked before them, config, data and optimizer, has passed).
+  here; the config has parsed strictly, every stage's slots included, by then).
 
 A recipe file no command uses is dry-run with ``--train``. Anything else fails, naming the doc and
 line, until the docs or this test say how to check it.

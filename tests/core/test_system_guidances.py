@@ -214,3 +214,12 @@ def test_a_stage_can_swap_the_prompt_processor(tmp_path, monkeypatch):
     state["global_step"], state["lift3d"]["stage_index"] = 3, 1  # mid-stage b
     resumed.check_checkpoint(state, "test")
     assert resumed.prompt_utils.prompt == "a blue cube" and calls == ["a blue cube"]
+
+
+def test_a_view_group_guidance_and_the_data_must_agree_on_the_group_size_at_start_up():
+    cfg = tiny_system_config(guidance_type="toyworld-mv-guidance", guidance={"n_views": 4})
+    system = TextTo3DSystem(cfg, seed=0)
+    with pytest.raises(ConfigError, match=r"system.guidance.n_views: guidance 'toyworld-mv-guidance' scores views "
+                                          r"in groups of 4, but the data module samples groups of data.n_views = 1"):
+        system.check_data(RandomCameraDataModule(DATA, seed=0))
+    system.check_data(RandomCameraDataModule({**DATA, "n_views": 4, "batch_size": 4}, seed=0))

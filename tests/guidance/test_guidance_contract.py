@@ -19,6 +19,9 @@ from lift3d.utils.cameras import make_cameras
 from tiny_prior import weights as toyworld_weights  # noqa: F401  (fixtures, requested by family below)
 from tiny_if import tiny_if, tiny_if_prompt_utils  # noqa: F401
 from tiny_sd import tiny_sd  # noqa: F401
+from tiny_toyworld_mv import toyworld_mv_weights  # noqa: F401
+from tiny_zero123 import tiny_zero123  # noqa: F401
+from tiny_mvdream import tiny_mvdream  # noqa: F401
 
 RES = 16  # renders and the tiny prior's resolution
 
@@ -36,12 +39,17 @@ class Case:
 
 
 #: The fixture that makes each family's tiny model, and the prompt processor its guidances read.
-FAMILY_WEIGHTS = {"toyworld": "toyworld_weights", "stable-diffusion": "tiny_sd", "deepfloyd": "tiny_if"}
+FAMILY_WEIGHTS = {"toyworld": "toyworld_weights", "stable-diffusion": "tiny_sd", "deepfloyd": "tiny_if",
+                  "mvdream": "tiny_mvdream", "zero123": "tiny_zero123", "toyworld-mv": "toyworld_mv_weights"}
 FAMILY_PROMPTS = {
     "toyworld": lambda prompt, w: find("toyworld-prompt-processor")({"prompt": prompt})(),
     "stable-diffusion": lambda prompt, w: find("stable-diffusion-prompt-processor")(
         {"prompt": prompt, "pretrained_model_name_or_path": str(w), "use_cache": False})(),
     "deepfloyd": lambda prompt, w: tiny_if_prompt_utils(prompt, w),
+    "zero123": lambda prompt, w: None,  # Zero123 reads the input image, not text
+    "toyworld-mv": lambda prompt, w: find("toyworld-prompt-processor")({"prompt": prompt})(),
+    "mvdream": lambda prompt, w: find("mvdream-prompt-processor")(
+        {"prompt": prompt, "pretrained_model_name_or_path": str(w), "use_cache": False})(),
 }
 
 
@@ -76,6 +84,20 @@ CASES = {
     "deepfloyd-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "guidance_scale": 5.0,
                                           "half_precision_weights": False},
                                noise_shape=(3, 8, 8), family="deepfloyd"),
+    # Zero123 in the diffusers layout, Stable Zero123 from an original-layout checkpoint (the same tiny weights).
+    "zero123-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "guidance_scale": 3.0,
+                                        "half_precision_weights": False},
+                             noise_shape=(4, 8, 8), family="zero123"),
+    "stable-zero123-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w),
+                                               "original_architecture": str(w), "guidance_scale": 3.0,
+                                               "half_precision_weights": False},
+                                    noise_shape=(4, 8, 8), family="zero123"),
+    # The suite's inputs are groups of 2 views: both multi-view networks take any group size (trained on 4).
+    "toyworld-mv-guidance": Case(lambda w: {"pretrained": str(w), "n_views": 2, "guidance_scale": 5.0},
+                                 family="toyworld-mv"),
+    "mvdream-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "image_size": 16, "n_views": 2,
+                                        "guidance_scale": 7.5, "half_precision_weights": False},
+                             noise_shape=(4, 8, 8), family="mvdream"),
 }
 
 

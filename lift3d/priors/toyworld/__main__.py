@@ -1,4 +1,5 @@
-"""``python -m lift3d.priors.toyworld {train,sample,eval,render-image}``: the toy-world prior's command line."""
+"""``python -m lift3d.priors.toyworld {train,sample,eval,render-image,train-mv,eval-mv}``: the toy-world prior's
+command line (``train-mv`` / ``eval-mv``: the multi-view prior, :mod:`lift3d.priors.toyworld.multiview`)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     ri.add_argument("--supersample", type=int, default=2)
     ri.add_argument("--light", default="above", help="'above', 'headlight', or a world direction 'x,y,z'")
     ri.add_argument("--out", required=True, help="output .png")
+    tm = sub.add_parser("train-mv", help="fine-tune (or resume) the multi-view prior from the shipped single-view "
+                        "weights: the packaged recipe-mv.yaml with key=value overrides on top")
+    tm.add_argument("overrides", nargs="*", help="e.g. threads=2 steps=3000 out_dir=outputs/toyworld-prior-mv")
+    tm.add_argument("--recipe", default="packaged",
+                    help="'packaged' (recipe-mv.yaml beside the model card), a YAML file of train-mv keys, or "
+                         "'none': the train-mv defaults with the overrides alone")
+    tm.add_argument("--install", action="store_true",
+                    help="copy the final weights to weights/toyworld-mv.safetensors (only when the run is complete)")
+    em = sub.add_parser("eval-mv", help="sample groups of views jointly and score their consistency against "
+                        "exact renders; prints a table")
+    em.add_argument("--weights", default=None, help="multi-view safetensors file (default: weights/toyworld-mv)")
+    em.add_argument("--n", type=int, default=4, help="groups per prompt")
+    em.add_argument("--steps", type=int, default=50)
+    em.add_argument("--guidance-scale", type=float, default=1.0)
+    em.add_argument("--prompts", nargs="*", default=None)
+    em.add_argument("--seed", type=int, default=0)
+    em.add_argument("--baseline", default=None,
+                    help="also sample the same cameras view by view with this single-view file ('shipped': the "
+                         "packaged weights)")
+    em.add_argument("--grid", default="outputs/toyworld-eval-mv.png")
     args = p.parse_args(argv)
 
     if args.cmd == "render-image":
@@ -72,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from lift3d.priors.toyworld.model import MissingWeightsError, ToyWorldPrior
 
     try:
+        if args.cmd in ("train-mv", "eval-mv"):
+            return _multiview(args)
         if args.cmd == "train":
             import shutil
 
@@ -115,6 +138,38 @@ def main(argv: list[str] | None = None) -> int:
     except (MissingWeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _multiview(args: argparse.Namespace) -> int:
+    """``train-mv`` and ``eval-mv`` (errors are reported by the caller)."""
+    if args.cmd == "train-mv":
+        import shutil
+
+        from lift3d.priors.toyworld.multiview import DEFAULT_MV_WEIGHTS
+        from lift3d.priors.toyworld.multiview_train import FINAL_MV_NAME, train_multiview_recipe
+
+        recipe = {"packaged": None, "none": {}}.get(args.recipe, args.recipe)
+        final = train_multiview_recipe(recipe, _overrides(args.overrides))
+        if args.install and final.name != FINAL_MV_NAME:
+            print(f"[toyworld-mv] not installed: {final} is a partial result", file=sys.stderr)
+        elif args.install:
+            DEFAULT_MV_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(final, DEFAULT_MV_WEIGHTS)
+            print(f"[toyworld-mv] installed {DEFAULT_MV_WEIGHTS}")
+        return 0
+    from lift3d.priors.toyworld.consistency import evaluate_multiview, format_group_table
+    from lift3d.priors.toyworld.model import ToyWorldPrior
+    from lift3d.priors.toyworld.multiview import MultiViewToyPrior
+
+    model = MultiViewToyPrior.load(args.weights).eval()
+    baseline = None
+    if args.baseline is not None:
+        baseline = ToyWorldPrior.load(None if args.baseline == "shipped" else args.baseline).eval()
+    scores = evaluate_multiview(model, args.prompts, args.n, args.steps, args.guidance_scale, args.seed, baseline,
+                                args.grid)
+    print(format_group_table(scores))
+    print(f"grid: {args.grid}")
     return 0
 
 

@@ -1,0 +1,715 @@
+"""MVDream's published checkpoint, read through an explicit key map.
+
+``sd-v2.1-base-4view.pt`` (https://huggingface.co/MVDream/MVDream) is the ``state_dict()`` of the
+original ``LatentDiffusionInterface``, one file in the LDM key layout:
+
+* ``model.diffusion_model.*``: the multi-view UNet in the original numbering (``input_blocks.N.M``,
+  ``middle_block.M``, ``output_blocks.N.M``, ``time_embed``, ``out``) plus ``camera_embed.0`` /
+  ``camera_embed.2``, the camera MLP;
+* ``first_stage_model.*``: the KL autoencoder (``encoder.down.I.block.J``, ``decoder.up.I``, ...);
+* ``cond_stage_model.model.*``: the OpenCLIP ViT-H/14 text tower (fused ``attn.in_proj_weight``);
+* the noise schedule's buffers (``betas``, ``alphas_cumprod``, ...), when the interface saved them.
+
+:func:`build_key_map` writes out, for the architecture a file's shapes describe, where every original
+key goes: a parameter of :class:`~lift3d.priors.mvdream.network.MultiViewUNet`'s diffusers UNet,
+of diffusers' ``AutoencoderKL``, of transformers' ``CLIPTextModel``, or the schedule; or why it is
+read and not used (the text tower's last layer, CLIP's projection head, derived schedule buffers).
+Loading checks it both ways: a key of the file that the map does not place is an error listing
+those keys, and a parameter of a model that no key of the file fills is an error listing those.
+A conversion script that knows only Stable Diffusion would drop ``camera_embed`` without a word;
+here it maps to ``class_embedding.linear_1`` / ``linear_2``, and a file without it does not load.
+
+The text tower is stored the way diffusers stores SD 2.x's text encoder: MVDream's
+``FrozenOpenCLIPEmbedder(layer="penultimate")`` runs all but the last transformer layer and then
+the final layer norm, which is a ``CLIPTextModel`` with one layer fewer whose ``last_hidden_state``
+is the conditioning. OpenCLIP's fused input projection is split into ``q_proj``, ``k_proj`` and
+``v_proj`` (its rows, in that order).
+
+The architecture is read off the file's shapes (:func:`infer_architecture`), so a tiny test
+checkpoint loads as the real one does. Two things are not stored and have documented defaults:
+attention heads are :data:`HEAD_CHANNELS` channels wide (SD 2.x's UNet and ViT-H's text tower), a
+layer narrower than that getting one head; and the VAE's latent scale is :data:`SCALING_FACTOR`.
+Files are read with ``torch.load(weights_only=True)`` (no pickle code runs) or as safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import pickle
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from lift3d.config import ConfigError
+from lift3d.priors.mvdream.network import MultiViewUNet, UNetArch
+
+#: The published model on the Hugging Face hub, and its file.
+DEFAULT_MVDREAM_MODEL = "MVDream/MVDream"
+DEFAULT_MVDREAM_FILE = "sd-v2.1-base-4view.pt"
+#: Key prefixes of the three networks in the original file.
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.model."
+#: Channels per attention head when the file does not say (it never does): SD 2.x and OpenCLIP ViT-H.
+HEAD_CHANNELS = 64
+#: The KL autoencoder's latent scale in MVDream's (and SD 2.x's) config; not stored in the file.
+SCALING_FACTOR = 0.18215
+#: MVDream's training noise schedule (LDM "linear": betas linear in sqrt), used when the file has none.
+BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
+#: The interface's schedule buffers: only alphas_cumprod is read, the rest follow from it.
+SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2")
+#: The parts a file holds, in load order.
+PARTS = ("unet", "vae", "text")
+
+
+class CheckpointLayoutError(ConfigError):
+    """A checkpoint whose keys or shapes do not match MVDream's layout (names the keys)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Architectures read off the file
+
+
+@dataclass(frozen=True)
+class VaeArch:
+    """The KL autoencoder (LDM's ``ddconfig``)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    sample_size: int = 256
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side: one halving per level but the last."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def diffusers_config(self) -> dict[str, Any]:
+        n = len(self.ch_mult)
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                    block_out_channels=tuple(self.ch * m for m in self.ch_mult), layers_per_block=self.num_res_blocks,
+                    latent_channels=self.z_channels, norm_num_groups=32, sample_size=self.sample_size,
+                    scaling_factor=SCALING_FACTOR)
+
+
+@dataclass(frozen=True)
+class TextArch:
+    """The OpenCLIP text tower (all its layers; the model built from it drops the last one)."""
+
+    vocab_size: int = 49408
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_width: int = 4096
+    context_length: int = 77
+
+    def transformers_config(self) -> Any:
+        from transformers import CLIPTextConfig
+
+        return CLIPTextConfig(
+            vocab_size=self.vocab_size, hidden_size=self.width, intermediate_size=self.mlp_width,
+            num_hidden_layers=self.layers - 1, num_attention_heads=self.heads,
+            max_position_embeddings=self.context_length, hidden_act="gelu", layer_norm_eps=1e-5,
+            # CLIP's BPE puts its two special tokens last; padding is id 0, as open_clip pads.
+            bos_token_id=self.vocab_size - 2, eos_token_id=self.vocab_size - 1, pad_token_id=0,
+        )
+
+
+@dataclass(frozen=True)
+class MVDreamArch:
+    unet: UNetArch
+    vae: VaeArch
+    text: TextArch | None
+    """None for a file without the text tower (a UNet-and-VAE file; only the guidance can use it)."""
+
+
+def _need(shapes: Mapping[str, tuple], key: str, what: str) -> tuple:
+    if key not in shapes:
+        raise CheckpointLayoutError(f"the checkpoint has no {key!r} ({what}); it is not an MVDream checkpoint in "
+                                    "the original layout (model.diffusion_model.*, first_stage_model.*, "
+                                    "cond_stage_model.model.*)")
+    return tuple(shapes[key])
+
+
+def _indices(shapes: Mapping[str, Any], prefix: str) -> list[int]:
+    """Sorted distinct integers N of the keys ``prefix + "N." + ...``."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in shapes if (m := pat.match(k))})
+
+
+def _heads(width: int, head_channels: int, what: str) -> int:
+    if width <= head_channels:
+        return 1
+    if width % head_channels:
+        raise CheckpointLayoutError(f"{what} is {width} channels wide, which does not split into heads of "
+                                    f"{head_channels} channels")
+    return width // head_channels
+
+
+def infer_unet_arch(shapes: Mapping[str, tuple], head_channels: int = HEAD_CHANNELS,
+                    sample_size: int = 32) -> UNetArch:
+    """The UNet that the ``model.diffusion_model.*`` shapes describe."""
+    p = UNET_PREFIX
+    conv_in = _need(shapes, p + "input_blocks.0.0.weight", "the UNet's input convolution")
+    camera = shapes.get(p + "camera_embed.0.weight")
+    if camera is None:
+        raise CheckpointLayoutError(
+            f"the checkpoint has no {p}camera_embed.0.weight: MVDream's camera MLP is missing, so this is not an "
+            "MVDream checkpoint (a plain Stable Diffusion UNet has no camera embedding)")
+    mc, in_ch = int(conv_in[0]), int(conv_in[1])
+    blocks = _indices(shapes, p + "input_blocks.")
+    downs = [i for i in blocks if p + f"input_blocks.{i}.0.op.weight" in shapes]
+    levels = len(downs) + 1
+    nres = downs[0] - 1 if downs else len(blocks) - 1
+    expected_downs = [1 + lv * (nres + 1) + nres for lv in range(levels - 1)]
+    if nres < 1 or downs != expected_downs or blocks != list(range(1 + levels * nres + levels - 1)):
+        raise CheckpointLayoutError(
+            f"the UNet's input_blocks {blocks} (downsamplers at {downs}) do not form levels of equally many "
+            "ResNet blocks, as MVDream's UNet has")
+    first = [1 + lv * (nres + 1) for lv in range(levels)]
+    widths = [int(_need(shapes, p + f"input_blocks.{i}.0.out_layers.3.weight", "a ResNet block")[0]) for i in first]
+    if any(w % mc for w in widths):
+        raise CheckpointLayoutError(f"UNet level widths {widths} are not multiples of the first width {mc}")
+    time_embed = _need(shapes, p + "time_embed.0.weight", "the time embedding")
+    if int(time_embed[0]) != 4 * mc:
+        raise CheckpointLayoutError(f"the time embedding is {time_embed[0]} wide; MVDream's UNet uses 4 x {mc}")
+    mid = p + "middle_block.1."
+    _need(shapes, mid + "norm.weight", "the middle block's transformer")
+    depth = len(_indices(shapes, mid + "transformer_blocks."))
+    proj_in = _need(shapes, mid + "proj_in.weight", "the middle transformer's input projection")
+    context = _need(shapes, mid + "transformer_blocks.0.attn2.to_k.weight", "the cross-attention")
+    arch = UNetArch(
+        in_channels=in_ch, out_channels=int(_need(shapes, p + "out.2.weight", "the output convolution")[0]),
+        model_channels=mc, channel_mult=tuple(w // mc for w in widths), num_res_blocks=nres,
+        attention=tuple(p + f"input_blocks.{i}.1.norm.weight" in shapes for i in first),
+        head_channels=head_channels, context_dim=int(context[1]), camera_dim=int(camera[1]),
+        transformer_depth=depth, linear_projection=len(proj_in) == 2, sample_size=sample_size,
+    )
+    for lv, width in enumerate(arch.block_out_channels):
+        _heads(width, head_channels, f"UNet level {lv}")
+    return arch
+
+
+def infer_vae_arch(shapes: Mapping[str, tuple], sample_size: int = 256) -> VaeArch:
+    """The autoencoder that the ``first_stage_model.*`` shapes describe."""
+    p = VAE_PREFIX
+    conv_in = _need(shapes, p + "encoder.conv_in.weight", "the VAE encoder's input convolution")
+    levels = _indices(shapes, p + "encoder.down.")
+    nres = len(_indices(shapes, p + "encoder.down.0.block."))
+    widths = [int(_need(shapes, p + f"encoder.down.{i}.block.0.conv1.weight", "a VAE ResNet block")[0]) for i in levels]
+    ch = int(conv_in[0])
+    z = int(_need(shapes, p + "decoder.conv_in.weight", "the VAE decoder's input convolution")[1])
+    quant = _need(shapes, p + "quant_conv.weight", "the VAE's quant_conv")
+    if int(quant[0]) != 2 * z:
+        raise CheckpointLayoutError(f"the VAE's embedding ({quant[0] // 2} channels) differs from its latent "
+                                    f"({z} channels); diffusers' AutoencoderKL needs them equal")
+    if not levels or any(w % ch for w in widths):
+        raise CheckpointLayoutError(f"VAE level widths {widths} are not multiples of its first width {ch}")
+    return VaeArch(in_channels=int(conv_in[1]),
+                   out_channels=int(_need(shapes, p + "decoder.conv_out.weight", "the VAE's output")[0]),
+                   ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=nres, z_channels=z,
+                   sample_size=sample_size)
+
+
+def infer_text_arch(shapes: Mapping[str, tuple], head_channels: int = HEAD_CHANNELS) -> TextArch | None:
+    """The OpenCLIP text tower that the ``cond_stage_model.model.*`` shapes describe (None if absent)."""
+    p = TEXT_PREFIX
+    if p + "token_embedding.weight" not in shapes:
+        return None
+    vocab, width = (int(s) for s in shapes[p + "token_embedding.weight"])
+    layers = len(_indices(shapes, p + "transformer.resblocks."))
+    if layers < 2:
+        raise CheckpointLayoutError(f"the text tower has {layers} layer(s); MVDream reads the penultimate one's "
+                                    "output, so it needs at least 2")
+    mlp = _need(shapes, p + "transformer.resblocks.0.mlp.c_fc.weight", "the text tower's MLP")
+    context = _need(shapes, p + "positional_embedding", "the text tower's positions")
+    return TextArch(vocab_size=vocab, width=width, layers=layers, heads=_heads(width, head_channels, "the text tower"),
+                    mlp_width=int(mlp[0]), context_length=int(context[0]))
+
+
+def infer_architecture(shapes: Mapping[str, tuple], head_channels: int = HEAD_CHANNELS,
+                       image_size: int = 256) -> MVDreamArch:
+    """Every network's shape from the file's tensor shapes; ``image_size`` is the working resolution."""
+    vae = infer_vae_arch(shapes, sample_size=image_size)
+    if image_size % vae.downscale:
+        raise ConfigError(f"image_size {image_size} is not a multiple of the VAE's downscale factor {vae.downscale}")
+    unet = infer_unet_arch(shapes, head_channels, sample_size=image_size // vae.downscale)
+    return MVDreamArch(unet=unet, vae=vae, text=infer_text_arch(shapes, head_channels))
+
+
+# ---------------------------------------------------------------------------------------------
+# The key map
+
+
+class Row(NamedTuple):
+    """One module of a block: its name in the original, in ours, and whether the original stores a
+    1x1 convolution kernel ``[o, i, 1, 1]`` where ours has a linear weight ``[o, i]``."""
+
+    original: str
+    ours: str
+    flatten: bool = False
+
+
+class Target(NamedTuple):
+    """Where (part of) an original tensor goes."""
+
+    part: str
+    """``unet``, ``vae``, ``text`` or ``schedule``."""
+    key: str
+    """The parameter's name in that part's model."""
+    split: tuple[int, int] | None = None
+    """``(i, n)``: the i-th of n equal row blocks of the original (OpenCLIP's fused q/k/v)."""
+    flatten: bool = False
+    """See :class:`Row`."""
+
+
+#: The module itself: its weight and bias map one to one.
+LEAF = (Row("", ""),)
+#: LDM ResBlock -> diffusers ResnetBlock2D.
+UNET_RESNET = (Row("in_layers.0", "norm1"), Row("in_layers.2", "conv1"), Row("emb_layers.1", "time_emb_proj"),
+               Row("out_layers.0", "norm2"), Row("out_layers.3", "conv2"), Row("skip_connection", "conv_shortcut"))
+#: The inside of an original BasicTransformerBlock(3D) and of diffusers' BasicTransformerBlock: same names.
+TRANSFORMER_BLOCK_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                             "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3")
+#: LDM ResnetBlock (autoencoder) -> diffusers ResnetBlock2D.
+VAE_RESNET = (Row("norm1", "norm1"), Row("conv1", "conv1"), Row("norm2", "norm2"), Row("conv2", "conv2"),
+              Row("nin_shortcut", "conv_shortcut"))
+#: LDM AttnBlock (1x1 convolutions) -> diffusers Attention (linear layers).
+VAE_ATTENTION = (Row("norm", "group_norm"), Row("q", "to_q", True), Row("k", "to_k", True), Row("v", "to_v", True),
+                 Row("proj_out", "to_out.0", True))
+#: One OpenCLIP residual block -> one CLIP encoder layer (the fused projection is handled apart).
+TEXT_LAYER = (Row("ln_1", "layer_norm1"), Row("attn.out_proj", "self_attn.out_proj"), Row("ln_2", "layer_norm2"),
+              Row("mlp.c_fc", "mlp.fc1"), Row("mlp.c_proj", "mlp.fc2"))
+TEXT_LAYER_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                   "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                   "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def _transformer(depth: int) -> tuple[Row, ...]:
+    """LDM SpatialTransformer(3D) -> diffusers Transformer2DModel."""
+    rows = [Row("norm", "norm"), Row("proj_in", "proj_in"), Row("proj_out", "proj_out")]
+    for d in range(depth):
+        rows += [Row(f"transformer_blocks.{d}.{m}", f"transformer_blocks.{d}.{m}") for m in TRANSFORMER_BLOCK_MODULES]
+    return tuple(rows)
+
+
+def unet_blocks(arch: UNetArch) -> list[tuple[str, str, tuple[Row, ...]]]:
+    """(original module, diffusers module, rows) for every block of the UNet, walking the original's
+    numbering: ``input_blocks`` 0 is the input convolution, then per level ``num_res_blocks`` blocks
+    (ResNet, and a transformer where the level has attention) and a downsampler but on the last
+    level; ``middle_block`` is ResNet, transformer, ResNet; ``output_blocks`` go from the deepest
+    level up, ``num_res_blocks + 1`` per level, the last of each (but the top level's) ending in an
+    upsampler whose index follows the block's transformer when there is one."""
+    n, levels = arch.num_res_blocks, len(arch.channel_mult)
+    tf = _transformer(arch.transformer_depth)
+    out = [("time_embed.0", "time_embedding.linear_1", LEAF), ("time_embed.2", "time_embedding.linear_2", LEAF),
+           ("camera_embed.0", "class_embedding.linear_1", LEAF), ("camera_embed.2", "class_embedding.linear_2", LEAF),
+           ("input_blocks.0.0", "conv_in", LEAF)]
+    for lv in range(levels):
+        for r in range(n):
+            i = 1 + lv * (n + 1) + r
+            out.append((f"input_blocks.{i}.0", f"down_blocks.{lv}.resnets.{r}", UNET_RESNET))
+            if arch.attention[lv]:
+                out.append((f"input_blocks.{i}.1", f"down_blocks.{lv}.attentions.{r}", tf))
+        if lv < levels - 1:
+            out.append((f"input_blocks.{1 + lv * (n + 1) + n}.0.op", f"down_blocks.{lv}.downsamplers.0.conv", LEAF))
+    out += [("middle_block.0", "mid_block.resnets.0", UNET_RESNET), ("middle_block.1", "mid_block.attentions.0", tf),
+            ("middle_block.2", "mid_block.resnets.1", UNET_RESNET)]
+    for j in range(levels):  # diffusers' up_blocks[j] is the original's level (levels - 1 - j)
+        lv = levels - 1 - j
+        for r in range(n + 1):
+            i = j * (n + 1) + r
+            out.append((f"output_blocks.{i}.0", f"up_blocks.{j}.resnets.{r}", UNET_RESNET))
+            nxt = 1
+            if arch.attention[lv]:
+                out.append((f"output_blocks.{i}.1", f"up_blocks.{j}.attentions.{r}", tf))
+                nxt = 2
+            if lv > 0 and r == n:
+                out.append((f"output_blocks.{i}.{nxt}.conv", f"up_blocks.{j}.upsamplers.0.conv", LEAF))
+    out += [("out.0", "conv_norm_out", LEAF), ("out.2", "conv_out", LEAF)]
+    return out
+
+
+def vae_blocks(arch: VaeArch) -> list[tuple[str, str, tuple[Row, ...]]]:
+    """(original module, diffusers module, rows) for the autoencoder. The original's decoder numbers
+    its levels from the top (``up.0`` is the last to run); diffusers' ``up_blocks`` in run order."""
+    levels = len(arch.ch_mult)
+    out: list[tuple[str, str, tuple[Row, ...]]] = [
+        ("encoder.conv_in", "encoder.conv_in", LEAF), ("decoder.conv_in", "decoder.conv_in", LEAF),
+        ("quant_conv", "quant_conv", LEAF), ("post_quant_conv", "post_quant_conv", LEAF)]
+    for side in ("encoder", "decoder"):
+        out += [(f"{side}.mid.block_1", f"{side}.mid_block.resnets.0", VAE_RESNET),
+                (f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0", VAE_ATTENTION),
+                (f"{side}.mid.block_2", f"{side}.mid_block.resnets.1", VAE_RESNET),
+                (f"{side}.norm_out", f"{side}.conv_norm_out", LEAF), (f"{side}.conv_out", f"{side}.conv_out", LEAF)]
+    for i in range(levels):
+        for j in range(arch.num_res_blocks):
+            out.append((f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET))
+        if i < levels - 1:
+            out.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv", LEAF))
+        k = levels - 1 - i
+        for j in range(arch.num_res_blocks + 1):
+            out.append((f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{k}.resnets.{j}", VAE_RESNET))
+        if i > 0:
+            out.append((f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{k}.upsamplers.0.conv", LEAF))
+    return out
+
+
+@dataclass
+class KeyMap:
+    """Original key -> where it goes, for one architecture; see :func:`build_key_map`."""
+
+    targets: dict[str, tuple[Target, ...]] = field(default_factory=dict)
+    """Keys whose tensors fill model parameters (or the schedule)."""
+    unused: dict[str, str] = field(default_factory=dict)
+    """Keys that are read and deliberately not used, with the reason."""
+    optional: set[str] = field(default_factory=set)
+    """Keys a file may lack (the schedule buffers, OpenCLIP's stored causal mask)."""
+
+    def places(self, key: str) -> bool:
+        return key in self.targets or key in self.unused
+
+    def add(self, original: str, *targets: Target) -> None:
+        if original in self.targets or original in self.unused:
+            raise AssertionError(f"key map places {original!r} twice")
+        self.targets[original] = tuple(targets)
+
+    def add_blocks(self, part: str, prefix: str, blocks: Sequence[tuple[str, str, tuple[Row, ...]]],
+                   model_keys: set[str], ours_root: str = "") -> None:
+        """Weight and bias of every row of every block, where ``part``'s model has that parameter."""
+        for orig_mod, our_mod, rows in blocks:
+            for row in rows:
+                for leaf in ("weight", "bias"):
+                    ours = ours_root + ".".join(s for s in (our_mod, row.ours, leaf) if s)
+                    if ours in model_keys:
+                        orig = prefix + ".".join(s for s in (orig_mod, row.original, leaf) if s)
+                        # a convolution's bias is 1-D in both layouts: only the kernel is reshaped
+                        self.add(orig, Target(part, ours, flatten=row.flatten and leaf == "weight"))
+
+    def by_part(self, part: str) -> dict[str, list[tuple[str, Target]]]:
+        """Model key of ``part`` -> [(original key, target)] filling it."""
+        out: dict[str, list[tuple[str, Target]]] = {}
+        for orig, targets in self.targets.items():
+            for t in targets:
+                if t.part == part:
+                    out.setdefault(t.key, []).append((orig, t))
+        return out
+
+
+def _text_root(model_keys: set[str]) -> str:
+    """transformers nests CLIP's text model under ``text_model.`` in some versions and not in others."""
+    return "text_model." if any(k.startswith("text_model.") for k in model_keys) else ""
+
+
+def build_key_map(arch: MVDreamArch, model_keys: Mapping[str, set[str]]) -> KeyMap:
+    """The key map for ``arch``; ``model_keys[part]`` are the parameter names of the models built
+    from it (rows name a parameter only where the model has it: a ResNet block has a shortcut
+    convolution only where its width changes, in both layouts alike)."""
+    km = KeyMap()
+    km.add_blocks("unet", UNET_PREFIX, unet_blocks(arch.unet), model_keys["unet"])
+    km.add_blocks("vae", VAE_PREFIX, vae_blocks(arch.vae), model_keys["vae"])
+    if arch.text is not None and "text" in model_keys:
+        keys = model_keys["text"]
+        root = _text_root(keys)
+        p, t = TEXT_PREFIX, arch.text
+        km.add(p + "token_embedding.weight", Target("text", root + "embeddings.token_embedding.weight"))
+        km.add(p + "positional_embedding", Target("text", root + "embeddings.position_embedding.weight"))
+        km.add_blocks("text", p, [("ln_final", "final_layer_norm", LEAF)], keys, root)
+        for i in range(t.layers - 1):
+            block, layer = f"transformer.resblocks.{i}", f"encoder.layers.{i}"
+            km.add_blocks("text", p, [(block, layer, TEXT_LAYER)], keys, root)
+            for leaf, orig_leaf in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):
+                km.add(f"{p}{block}.attn.{orig_leaf}",
+                       *(Target("text", f"{root}{layer}.self_attn.{proj}_proj.{leaf}", split=(k, 3))
+                         for k, proj in enumerate("qkv")))
+        last = f"transformer.resblocks.{t.layers - 1}"
+        for leaf in TEXT_LAYER_KEYS:
+            km.unused[f"{p}{last}.{leaf}"] = ("the text tower's last layer: MVDream conditions on the "
+                                              "penultimate layer's output")
+        km.unused[p + "text_projection"] = "CLIP's joint-embedding projection (pooled output only)"
+        km.unused[p + "logit_scale"] = "CLIP's contrastive temperature"
+        km.unused[p + "attn_mask"] = "OpenCLIP's causal mask, rebuilt by CLIPTextModel"
+        km.optional.add(p + "attn_mask")
+    km.add("alphas_cumprod", Target("schedule", "alphas_cumprod"))
+    for k in SCHEDULE_KEYS:
+        if k != "alphas_cumprod":
+            km.unused[k] = "a noise-schedule buffer derived from alphas_cumprod"
+    km.optional.update(SCHEDULE_KEYS)
+    return km
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the models and reading the file
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no initialisation)
+    and their buffers on the CPU as usual, ready for ``load_state_dict(..., assign=True)``."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: Any) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def build_models(arch: MVDreamArch, parts: Sequence[str] = PARTS, empty: bool = True) -> dict[str, nn.Module]:
+    """The untrained networks of ``arch`` (``empty``: parameters on the meta device, to be assigned)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    models: dict[str, nn.Module] = {}
+    with parameters_on_meta() if empty else contextlib.nullcontext():
+        if "unet" in parts:
+            models["unet"] = MultiViewUNet.from_arch(arch.unet)
+        if "vae" in parts:
+            models["vae"] = AutoencoderKL(**arch.vae.diffusers_config())
+        if "text" in parts and arch.text is not None:
+            models["text"] = CLIPTextModel(arch.text.transformers_config())
+    return models
+
+
+def _weights_of(part: str, model: nn.Module) -> nn.Module:
+    """The module whose state dict the key map addresses (the diffusers UNet inside MultiViewUNet)."""
+    return model.unet if part == "unet" else model
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a ``.pt`` / ``.ckpt`` (``torch.load(weights_only=True)``, memory-mapped when the
+    file allows) or ``.safetensors`` file. A ``{"state_dict": ...}`` wrapper is unwrapped."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        raise CheckpointLayoutError(
+            f"{path}: not a plain state dict of tensors; torch.load(weights_only=True) refused to unpickle it "
+            f"({str(exc).splitlines()[0]}). Use the published checkpoint, or re-save the tensors as "
+            "safetensors") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointLayoutError(f"{path}: expected a state dict (key -> tensor), found a {type(obj).__name__}")
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointLayoutError(f"{path}: expected a state dict (key -> tensor); these entries are not tensors: "
+                                    f"{_listing(bad)}")
+    return dict(obj)
+
+
+def default_alphas_cumprod() -> Tensor:
+    """MVDream's schedule: betas linear in their square root from BETA_START to BETA_END."""
+    betas = torch.linspace(math.sqrt(BETA_START), math.sqrt(BETA_END), NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def _listing(keys: Sequence[str], limit: int = 50) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_placement(km: KeyMap, keys: Sequence[str], source: str) -> None:
+    """Every key of the file is placed by the map (else CheckpointLayoutError listing the others)."""
+    unplaced = sorted(k for k in keys if not km.places(k))
+    if unplaced:
+        raise CheckpointLayoutError(
+            f"{source}: {len(unplaced)} key(s) that MVDream's key map does not place: {_listing(unplaced)}. "
+            "The file is not an MVDream checkpoint in the original layout, or its architecture differs from the one "
+            "its shapes suggest")
+
+
+def gather_part(km: KeyMap, state: Mapping[str, Tensor], part: str, expected: Mapping[str, torch.Size],
+                source: str, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """``part``'s state dict from the file's tensors: every parameter in ``expected`` filled, with its
+    shape; CheckpointLayoutError listing the parameters left unfilled or of the wrong shape."""
+    fill = km.by_part(part)
+    out: dict[str, Tensor] = {}
+    unfilled, wrong = [], []
+    for key, shape in expected.items():
+        sources = [(orig, t) for orig, t in fill.get(key, []) if orig in state]
+        if not sources:
+            origs = [orig for orig, _ in fill.get(key, [])]
+            unfilled.append(f"{key} (from {origs[0]})" if origs else f"{key} (no original key maps to it)")
+            continue
+        orig, t = sources[0]
+        tensor = state[orig]
+        if t.split is not None:
+            i, n = t.split
+            if tensor.shape[0] % n:
+                wrong.append(f"{orig} {tuple(tensor.shape)} does not split into {n} equal row blocks")
+                continue
+            tensor = tensor.chunk(n, dim=0)[i]
+        if t.flatten and tensor.dim() == 4 and tuple(tensor.shape[2:]) == (1, 1):
+            tensor = tensor[:, :, 0, 0]
+        if tuple(tensor.shape) != tuple(shape):
+            wrong.append(f"{orig} {tuple(state[orig].shape)} for {key} {tuple(shape)}")
+            continue
+        out[key] = tensor.to(dtype=dtype or tensor.dtype, copy=True).contiguous()
+    if unfilled or wrong:
+        msg = f"{source}: the checkpoint does not fill MVDream's {part}:"
+        if unfilled:
+            msg += f" {len(unfilled)} parameter(s) left unfilled, missing from the file: {_listing(unfilled)}."
+        if wrong:
+            msg += f" {len(wrong)} tensor(s) of the wrong shape: {_listing(wrong)}."
+        raise CheckpointLayoutError(msg)
+    return out
+
+
+@dataclass
+class MVDreamWeights:
+    """What :func:`load_mvdream` returns: the networks asked for, the schedule and the architecture."""
+
+    arch: MVDreamArch
+    key_map: KeyMap
+    alphas_cumprod: Tensor
+    unet: MultiViewUNet | None = None
+    vae: nn.Module | None = None
+    text_encoder: nn.Module | None = None
+
+
+def load_mvdream(path: str | Path, parts: Sequence[str] = PARTS, *, head_channels: int = HEAD_CHANNELS,
+                 image_size: int = 256, dtype: torch.dtype = torch.float32,
+                 state: Mapping[str, Tensor] | None = None) -> MVDreamWeights:
+    """Read an MVDream checkpoint (original layout) into the networks named by ``parts``.
+
+    Every key of the file must be placed by the key map (also the keys of parts not asked for), and
+    every parameter of the networks asked for must be filled; otherwise CheckpointLayoutError lists
+    the keys. ``image_size`` is the working resolution in pixels (256 for the published model): it
+    is not stored in the file. ``state`` skips reading ``path`` (tests).
+    """
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; valid: {', '.join(PARTS)}")
+    source = str(path)
+    state = read_checkpoint(path) if state is None else state
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    arch = infer_architecture(shapes, head_channels, image_size)
+    if "text" in parts and arch.text is None:
+        raise CheckpointLayoutError(f"{source} has no text tower (no {TEXT_PREFIX}token_embedding.weight)")
+    models = build_models(arch)
+    params = {part: dict(_weights_of(part, m).state_dict()) for part, m in models.items()}
+    km = build_key_map(arch, {part: set(p) for part, p in params.items()})
+    check_placement(km, list(state), source)
+    for part in parts:
+        weights = _weights_of(part, models[part])
+        expected = {k: v.shape for k, v in params[part].items() if v.device.type == "meta"}
+        loaded = gather_part(km, state, part, expected, source, dtype)
+        weights.load_state_dict(loaded, strict=False, assign=True)
+        still_empty = [n for n, p in weights.named_parameters() if p.device.type == "meta"]
+        if still_empty:
+            raise CheckpointLayoutError(f"{source}: parameters of the {part} left unfilled: {_listing(still_empty)}")
+        models[part].requires_grad_(False).eval()
+    alphas = state.get("alphas_cumprod")
+    alphas = default_alphas_cumprod() if alphas is None else alphas.detach().float().clone()
+    kept = {part: models[part] for part in parts}
+    return MVDreamWeights(arch=arch, key_map=km, alphas_cumprod=alphas, unet=kept.get("unet"), vae=kept.get("vae"),
+                          text_encoder=kept.get("text"))
+
+
+def to_original(km: KeyMap, state_dicts: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The inverse of loading: the original-layout tensors of every mapped key whose parts are given
+    (``state_dicts[part]`` in the models' naming; ``schedule`` holds ``alphas_cumprod``). Keys the
+    map reads but does not use (the text tower's last layer, ...) are not produced."""
+    out: dict[str, Tensor] = {}
+    for orig, targets in km.targets.items():
+        if not all(t.part in state_dicts for t in targets):
+            continue
+        pieces = sorted(targets, key=lambda t: t.split[0] if t.split else 0)
+        tensors = [state_dicts[t.part][t.key] for t in pieces]
+        tensor = torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
+        if pieces[0].flatten:
+            tensor = tensor.reshape(*tensor.shape, 1, 1)
+        out[orig] = tensor.detach().clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the file
+
+
+def hub_url(repo_id: str) -> str:
+    return f"https://huggingface.co/{repo_id}"
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def resolve_checkpoint(name_or_path: str, filename: str = DEFAULT_MVDREAM_FILE, *, key: str,
+                       revision: str | None = None) -> Path:
+    """The checkpoint file ``name_or_path`` names, or a MissingWeightsError naming ``key``.
+
+    ``name_or_path`` is a file (``.pt``, ``.ckpt`` or ``.safetensors`` with the original keys), a
+    folder holding ``filename``, or a Hugging Face id (``MVDream/MVDream``) whose ``filename`` is
+    looked up in the local cache only: nothing is downloaded.
+    """
+    from lift3d.utils.hub import MissingWeightsError, download_command, hub_cache_dir
+
+    if not name_or_path:
+        raise MissingWeightsError(f"config key '{key}' is empty: give the MVDream checkpoint file, a folder that "
+                                  f"holds {filename}, or the Hugging Face id {DEFAULT_MVDREAM_MODEL}")
+    local = Path(name_or_path).expanduser()
+    if local.is_file():
+        return local.resolve()
+    if local.is_dir():
+        if (local / filename).is_file():
+            return (local / filename).resolve()
+        raise MissingWeightsError(f"config key '{key}' = {name_or_path!r}: the folder {local.resolve()} holds no "
+                                  f"{filename}; get it from {hub_url(DEFAULT_MVDREAM_MODEL)} (file {filename}).")
+    if _HUB_ID.fullmatch(name_or_path) is None or name_or_path.endswith((".pt", ".ckpt", ".safetensors")):
+        raise MissingWeightsError(
+            f"config key '{key}' = {name_or_path!r}: no such file ({local.resolve()}). Give the MVDream checkpoint "
+            f"file (from {hub_url(DEFAULT_MVDREAM_MODEL)}, file {DEFAULT_MVDREAM_FILE}: "
+            f"`{download_command(DEFAULT_MVDREAM_MODEL)} {DEFAULT_MVDREAM_FILE}` on a machine with internet), a "
+            f"folder that holds it, or the id {DEFAULT_MVDREAM_MODEL} once it is in the Hugging Face cache.")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        return Path(hf_hub_download(name_or_path, filename, revision=revision, cache_dir=cache,
+                                    local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise MissingWeightsError(
+            f"config key '{key}' = {name_or_path!r}: the weights are not on this machine (searched: the local "
+            f"folder {local.resolve()}, and the Hugging Face cache {cache} for {filename}; set HF_HOME or "
+            f"HF_HUB_CACHE to look elsewhere). lift3d never downloads at start-up: fetch the file once with "
+            f"`{download_command(name_or_path, revision)} {filename}` on a machine with internet "
+            f"({hub_url(name_or_path)}, file {filename}), or point {key}= at the file.") from None
+
+
+__all__ = [
+    "DEFAULT_MVDREAM_MODEL", "DEFAULT_MVDREAM_FILE", "HEAD_CHANNELS", "SCALING_FACTOR", "CheckpointLayoutError",
+    "VaeArch", "TextArch", "MVDreamArch", "infer_architecture", "infer_unet_arch", "infer_vae_arch", "infer_text_arch",
+    "Row", "Target", "KeyMap", "build_key_map", "unet_blocks", "vae_blocks", "build_models", "read_checkpoint",
+    "check_placement", "gather_part", "load_mvdream", "to_original", "MVDreamWeights", "resolve_checkpoint",
+    "default_alphas_cumprod", "parameters_on_meta",
+]
