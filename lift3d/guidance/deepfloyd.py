@@ -159,6 +159,7 @@ class DeepFloydGuidance(SDSGuidance):
     """SDS with DeepFloyd IF stage I in pixel space; returns ``loss_sds``."""
 
     prior_family = "deepfloyd"
+    prior_inputs = frozenset({"prompt_embeddings"})
 
     @dataclass
     class Config(SDSGuidance.Config):
@@ -178,14 +179,6 @@ class DeepFloydGuidance(SDSGuidance):
         """Keep the UNet's weights channels-last (faster convolutions on tensor cores; free to set)."""
 
     cfg: Config
-
-    def __init__(self, cfg: Any = None, *, cfg_key: str = "", prov: Any = None, **kwargs: Any):
-        self.__dict__["_cfg_key"] = cfg_key or DEFAULT_KEY
-        super().__init__(cfg, cfg_key=cfg_key, prov=prov, **kwargs)
-
-    @classmethod
-    def requires(cls, cfg: Any) -> frozenset[str]:
-        return super().requires(cfg) | {"prompt_embeddings"}
 
     @classmethod
     def resolve(cls, cfg: Any, key: str = DEFAULT_KEY) -> Path:

@@ -34,12 +34,11 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from jaxtyping import Float
 from torch import Tensor
 
-from lift3d.config import ConfigError, Provenance, Scheduled
+from lift3d.config import ConfigError, Scheduled
 from lift3d.guidance.base import GuidanceInput, GuidanceOutput
+from lift3d.guidance.latent_diffusion import LatentDiffusionPrior, LatentDiffusionWeights, weights_dtype
 from lift3d.priors.mvdream.cameras import mvdream_camera
 from lift3d.priors.mvdream.checkpoint import (
     DEFAULT_MVDREAM_FILE,
@@ -48,22 +47,26 @@ from lift3d.priors.mvdream.checkpoint import (
     load_mvdream,
     resolve_checkpoint,
 )
-from lift3d.guidance.score_distillation import Cond, Conditioning, DiffusionPrior, SDSGuidance, guided_eps
+from lift3d.guidance.score_distillation import Cond, Conditioning, SDSGuidance, guided_eps
 from lift3d.registry import register
 
 DEFAULT_KEY = "system.guidance"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class MVDreamPrior(DiffusionPrior):
+class MVDreamPrior(LatentDiffusionPrior):
     """Adapter around MVDream's multi-view UNet and its VAE.
 
     Its space is the VAE latent ``[B, 4, h, w]`` at the UNet's sample size; a branch (:data:`Cond`)
     holds ``text`` ``[B, L, D]``, ``camera`` ``[B, 16]`` and, when the prompt processor supplies it,
     ``null`` ``[B, L, D]`` (the empty text, what :meth:`drop_text` swaps in). Rows come in groups of
-    ``n_views`` consecutive views. The networks may be float16 while the rest is float32: inputs are
-    cast to the weights' dtype and outputs back.
+    ``n_views`` consecutive views. Encoding, decoding, the dtype and the reading of the prompt are
+    :class:`~lift3d.guidance.latent_diffusion.LatentDiffusionPrior`'s; renders are resized without
+    antialiasing.
     """
+
+    antialias = False
+    prompt_processor = "mvdream-prompt-processor"
+    same_weights_hint = "with the same checkpoint as the guidance (mvdream_model=... sets both)"
 
     def __init__(self, unet: nn.Module, vae: nn.Module, alphas_cumprod: Tensor, image_size: int, n_views: int,
                  scaling_factor: float = SCALING_FACTOR, name: str = "mvdream-guidance"):
@@ -81,67 +84,17 @@ class MVDreamPrior(DiffusionPrior):
         self.resolution = (int(image_size), int(image_size))
         self.text_dim = int(unet.config.cross_attention_dim)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    def resize(self, images: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B 3 h w"]:
-        """Renders -> channels first at the working resolution (differentiable)."""
-        x = images.permute(0, 3, 1, 2)
-        if tuple(x.shape[-2:]) != self.resolution:
-            x = F.interpolate(x, self.resolution, mode="bilinear", align_corners=False)
-        return x
-
-    def encode(self, images: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B C h w"]:
-        x = self.resize(images) * 2 - 1
-        posterior = self.vae.encode(x.to(self.dtype)).latent_dist
-        return (posterior.mean * self.scaling_factor).to(images.dtype)
-
-    def decode(self, x: Float[Tensor, "B C h w"]) -> Float[Tensor, "B H W 3"]:
-        img = self.vae.decode((x / self.scaling_factor).to(self.dtype)).sample
-        return (img.to(x.dtype) * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-
     def condition(self, inp: GuidanceInput, view_dependent_prompting: bool = False) -> Conditioning:
-        prompt = inp.prompt
-        if prompt is None:
-            raise ValueError(f"{self.guidance_name} needs text embeddings: set prompt_processor_type: "
-                             "mvdream-prompt-processor (and prompt=... on the command line)")
-        cams = inp.cameras
-        args = (cams.elevation, cams.azimuth, cams.distance, view_dependent_prompting)
-        negatives, weights = [], None
-        if prompt.use_perp_neg:
-            cond, uncond, neg, weights = prompt.get_text_embeddings_perp_neg(*args)
-            negatives = [neg[:, k] for k in range(neg.shape[1])]
-        else:
-            cond, uncond = prompt.get_text_embeddings(*args)
-        if not cond.is_floating_point() or cond.dim() != 3 or cond.shape[-1] != self.text_dim:
-            raise ValueError(
-                f"{self.guidance_name}: the UNet attends to text hidden states [B, L, {self.text_dim}], but the prompt "
-                f"processor '{getattr(prompt, 'source', '?')}' gave {cond.dtype} {tuple(cond.shape)}; use "
-                "mvdream-prompt-processor with the same checkpoint as the guidance (mvdream_model=... sets both)")
-        B, dev = cond.shape[0], cond.device
-        shared: Cond = {"camera": mvdream_camera(cams.c2w.to(dev, torch.float32))}
-        null = getattr(prompt, "extras", {}).get("null_text_embeddings")
+        cond, uncond, negatives, weights, null = self.text_embeddings(inp, view_dependent_prompting)
+        shared: Cond = {"camera": mvdream_camera(inp.cameras.c2w.to(cond.device, torch.float32))}
         if null is not None:
-            shared["null"] = null.to(dev).expand(B, *null.shape[1:])
-
-        def branch(text: Tensor) -> Cond:
-            return {"text": text, **shared}
-
-        return Conditioning(cond=branch(cond), uncond=branch(uncond), negatives=[branch(n) for n in negatives],
-                            neg_weights=weights)
+            shared["null"] = null
+        return self.text_branches(cond, uncond, negatives, weights, shared)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dt = self.dtype
         out = self.unet(x_t.to(dt), t, cond["text"].to(dt), cond["camera"].to(dt), self.n_views)
         return out.to(x_t.dtype)
-
-    def drop_text(self, cond: Cond, mask: Tensor) -> Cond:
-        if "null" not in cond:
-            raise ValueError(f"{self.guidance_name}: dropping the text needs the empty prompt's embedding, which "
-                             "mvdream-prompt-processor supplies")
-        keep = ~mask.view(-1, *([1] * (cond["text"].dim() - 1)))
-        return {**cond, "text": torch.where(keep, cond["text"], cond["null"])}
 
 
 def rescale_x0(x0_cfg: Tensor, x0_cond: Tensor, n_views: int, r: float) -> Tensor:
@@ -154,19 +107,13 @@ def rescale_x0(x0_cfg: Tensor, x0_cond: Tensor, n_views: int, r: float) -> Tenso
     return r * (x0_cfg * factor) + (1 - r) * x0_cfg
 
 
-def weights_dtype(torch_dtype: Optional[str], half_precision_weights: bool, on_cuda: bool) -> torch.dtype:
-    """float16 on CUDA (when ``half_precision_weights``), float32 elsewhere, unless ``torch_dtype`` fixes it."""
-    if torch_dtype is not None:
-        return DTYPES[torch_dtype]
-    return torch.float16 if (half_precision_weights and on_cuda) else torch.float32
-
-
 @register("mvdream-guidance")
-class MVDreamGuidance(SDSGuidance):
+class MVDreamGuidance(LatentDiffusionWeights, SDSGuidance):
     """Score distillation with MVDream over groups of views; ``loss_sds`` (the x0-reconstruction
     loss by default, plain SDS with ``recon_loss: false``)."""
 
     prior_family = "mvdream"
+    prior_inputs = frozenset({"prompt_embeddings"})
 
     @dataclass
     class Config(SDSGuidance.Config):
@@ -204,14 +151,6 @@ class MVDreamGuidance(SDSGuidance):
 
     cfg: Config
 
-    def __init__(self, cfg: Any = None, *, cfg_key: str = "", prov: Provenance | None = None, **kwargs: Any):
-        object.__setattr__(self, "_cfg_key", cfg_key or DEFAULT_KEY)
-        super().__init__(cfg, cfg_key=cfg_key, prov=prov, **kwargs)
-
-    @classmethod
-    def requires(cls, cfg: Any) -> frozenset[str]:
-        return super().requires(cfg) | {"prompt_embeddings"}
-
     @classmethod
     def resolve(cls, cfg: Any, key: str = DEFAULT_KEY) -> Path:
         """The checkpoint file of ``cfg``, or :class:`~lift3d.utils.hub.MissingWeightsError`."""
@@ -243,22 +182,6 @@ class MVDreamGuidance(SDSGuidance):
         return MVDreamPrior(weights.unet, weights.vae, weights.alphas_cumprod, c.image_size, c.n_views,
                             name=self.name())
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        out = super()._apply(fn, *args, **kwargs)
-        prior = self.__dict__.get("prior")
-        c = self.cfg
-        if prior is not None and c.torch_dtype is None and c.half_precision_weights:
-            # float16 on CUDA, float32 elsewhere; another dtype set by hand (float64 in tests) is left alone.
-            want = weights_dtype(None, True, prior.alphas_cumprod.device.type == "cuda")
-            if prior.dtype in (torch.float16, torch.float32) and prior.dtype != want:
-                prior.unet.to(want)
-                prior.vae.to(want)
-        return out
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        return self.prior.resolution
-
     def check_views(self, inp: GuidanceInput) -> None:
         """The batch must be whole view groups of ``n_views``, sampled as groups by the data module."""
         f, B, key = self.cfg.n_views, inp.batch_size, self._cfg_key
@@ -275,14 +198,9 @@ class MVDreamGuidance(SDSGuidance):
     def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
         c = self.cfg
         self.check_views(inp)
-        lo, hi = self.step_range()
         x, t, noise, a, x_t, conds = self.noised(inp, t, noise)
-        B = x.shape[0]
         with torch.no_grad():
-            branches = [conds.cond, conds.uncond, *conds.negatives]
-            n = len(branches)
-            out = self.prior.predict_branches(x_t, t, branches)
-            eps = self.prior.eps_x0(out, torch.cat([x_t] * n), torch.cat([self.alphas_cumprod[t]] * n))[0].split(B)
+            eps = self.branch_eps(x_t, t, conds)
             e_cfg = guided_eps(eps[0], eps[1], self.C(c.guidance_scale), list(eps[2:]), conds.neg_weights)
             x0 = (x_t - (1 - a).sqrt() * e_cfg) / a.sqrt()
             if c.recon_loss:
@@ -293,8 +211,7 @@ class MVDreamGuidance(SDSGuidance):
                 grad = self.process_grad(x.detach() - x0)
             else:
                 grad = self.process_grad(self.weight(t).view_as(a) * (e_cfg - noise))
-        diagnostics: dict[str, Any] = {"grad_norm": grad.norm(), "min_step": torch.tensor(lo),
-                                       "max_step": torch.tensor(hi), "t": t}
+        diagnostics = self.step_diagnostics(grad, t)
         if c.return_denoised:
             with torch.no_grad():
                 diagnostics["denoised"] = self.prior.decode(x0)

@@ -161,10 +161,19 @@ class DiffusionGuidance(BaseGuidance):
     cfg: Config
     #: The prior family (toyworld, stable-diffusion, ...): tests pick a tiny model of it by this name.
     prior_family: str = ""
+    #: What the prior reads besides the scored image ("prompt_embeddings", "cond_image"); see :meth:`requires`.
+    prior_inputs: frozenset[str] = frozenset()
+    #: Where this guidance's config sits ("system.guidance" unless built under another key), for messages.
+    _cfg_key: str
+
+    def __init__(self, cfg: Any = None, *, cfg_key: str = "", prov: Any = None, **kwargs: Any):
+        # Known before the base class parses the config and configure() builds the prior, whose errors name it.
+        object.__setattr__(self, "_cfg_key", cfg_key or "system.guidance")
+        super().__init__(cfg, cfg_key=cfg_key, prov=prov, **kwargs)
 
     @classmethod
     def requires(cls, cfg: Any) -> frozenset[str]:
-        return frozenset({"normals"} if cfg.image == "normal" else set())
+        return frozenset({"normals"} if cfg.image == "normal" else set()) | cls.prior_inputs
 
     @classmethod
     def missing_weights(cls, cfg: Any) -> str | None:
@@ -289,15 +298,24 @@ class SDSGuidance(DiffusionGuidance):
             grad = grad / rms.clamp_min(1e-8)
         return grad
 
-    def guided(self, x_t: Tensor, t: Tensor, conds: Conditioning, scale: float) -> Tensor:
-        """The guided epsilon at ``x_t`` (one network call for all branches)."""
+    def branch_eps(self, x_t: Tensor, t: Tensor, conds: Conditioning) -> tuple[Tensor, ...]:
+        """Epsilon at ``x_t`` of each branch, in the order cond, uncond, negatives (one network call)."""
         branches = [conds.cond, conds.uncond, *conds.negatives]
         B = x_t.shape[0]
         n = len(branches)
         out = self.prior.predict_branches(x_t, t, branches)
         eps, _ = self.prior.eps_x0(out, torch.cat([x_t] * n), torch.cat([self.alphas_cumprod[t]] * n))
-        parts = eps.split(B)
+        return eps.split(B)
+
+    def guided(self, x_t: Tensor, t: Tensor, conds: Conditioning, scale: float) -> Tensor:
+        """The guided epsilon at ``x_t`` (one network call for all branches)."""
+        parts = self.branch_eps(x_t, t, conds)
         return guided_eps(parts[0], parts[1], scale, list(parts[2:]), conds.neg_weights)
+
+    def step_diagnostics(self, grad: Tensor, t: Tensor) -> dict[str, Any]:
+        """What every SDS-like step reports: the gradient's norm, the timestep range and the timesteps."""
+        lo, hi = self.step_range()
+        return {"grad_norm": grad.norm(), "min_step": torch.tensor(lo), "max_step": torch.tensor(hi), "t": t}
 
     def distillation_target(self, x: Tensor, grad: Tensor) -> Tensor:
         """``0.5 ||x - sg(x - grad)||^2 / B``: its gradient with respect to x is ``grad / B``."""
@@ -317,18 +335,49 @@ class SDSGuidance(DiffusionGuidance):
         x_t = a.sqrt() * x.detach() + (1 - a).sqrt() * noise
         return x, t, noise, a, x_t, self.prior.condition(inp, self.cfg.view_dependent_prompting)
 
-    def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
-        lo, hi = self.step_range()
+    def score(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> "SDSScore":
+        """One SDS evaluation of the batch: the renders noised (see :meth:`noised`), the guided epsilon
+        at ``guidance_scale`` and the processed gradient ``w(t) (eps_cfg - eps)``, with the basic
+        diagnostics (``grad_norm``, ``min_step``, ``max_step``, ``t``)."""
         x, t, noise, a, x_t, conds = self.noised(inp, t, noise)
         with torch.no_grad():
             eps_cfg = self.guided(x_t, t, conds, self.C(self.cfg.guidance_scale))
-            grad = self.process_grad(self.weight(t).view_as(a) * (eps_cfg - noise))
-            denoised = (x_t - (1 - a).sqrt() * eps_cfg) / a.sqrt()
-        return GuidanceOutput(
-            losses={f"loss_{self.loss_name}": self.distillation_target(x, grad)},
-            diagnostics={"grad_norm": grad.norm(), "min_step": torch.tensor(lo), "max_step": torch.tensor(hi),
-                         "denoised": self.prior.decode(denoised).detach(), "t": t},
-        )
+            w = self.weight(t).view_as(a)
+            grad = self.process_grad(w * (eps_cfg - noise))
+        return SDSScore(x=x, t=t, noise=noise, a=a, x_t=x_t, conds=conds, eps_cfg=eps_cfg, w=w, grad=grad,
+                        diagnostics=self.step_diagnostics(grad, t))
+
+    def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
+        s = self.score(inp, t, noise)
+        with torch.no_grad():
+            s.diagnostics["denoised"] = self.prior.decode(s.denoised())
+        return GuidanceOutput(losses={f"loss_{self.loss_name}": self.distillation_target(s.x, s.grad)},
+                              diagnostics=s.diagnostics)
+
+
+@dataclass
+class SDSScore:
+    """What :meth:`SDSGuidance.score` computed for one batch (all but ``x`` without gradients)."""
+
+    x: Tensor
+    """The renders in the prior's space [B, C, h, w] (differentiable)."""
+    t: Tensor
+    noise: Tensor
+    a: Tensor
+    """alphas_cumprod at ``t``, shaped to broadcast against ``x``."""
+    x_t: Tensor
+    conds: Conditioning
+    eps_cfg: Tensor
+    """The guided epsilon at ``x_t``."""
+    w: Tensor
+    """The weighting ``w(t)``, shaped as ``a``."""
+    grad: Tensor
+    """``w(t) (eps_cfg - noise)``, clipped / normalised as the config says."""
+    diagnostics: dict[str, Any]
+
+    def denoised(self) -> Tensor:
+        """The one-step clean estimate ``(x_t - sqrt(1 - a) eps_cfg) / sqrt(a)``."""
+        return (self.x_t - (1 - self.a).sqrt() * self.eps_cfg) / self.a.sqrt()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,5 +605,5 @@ class RefineGuidance(DiffusionGuidance):
                               diagnostics={"denoised": target, "t_start": torch.tensor(ts[0] if ts else 0)})
 
 
-__all__ = ["DiffusionPrior", "Conditioning", "DiffusionGuidance", "SDSGuidance", "VSDGuidance", "RefineGuidance", "guided_eps",
-           "perpendicular", "eps_x0", "cat_conds"]
+__all__ = ["DiffusionPrior", "Conditioning", "DiffusionGuidance", "SDSGuidance", "SDSScore", "VSDGuidance",
+           "RefineGuidance", "guided_eps", "perpendicular", "eps_x0", "cat_conds"]

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from lift3d.config import ConfigError, Provenance, Scheduled
+from lift3d.config import ConfigError, Scheduled
 from lift3d.guidance.base import GuidanceInput, GuidanceOutput
+from lift3d.guidance.latent_diffusion import LatentDiffusionPrior, LatentDiffusionWeights, weights_dtype
 from lift3d.guidance.score_distillation import Cond, Conditioning, DiffusionGuidance, DiffusionPrior, SDSGuidance
 from lift3d.registry import register
 
@@ -52,9 +53,6 @@ DEFAULT_SD_MODEL = "stabilityai/stable-diffusion-2-1-base"
 #: Files a diffusers Stable Diffusion folder must hold for the guidance (the weights are checked on load).
 REQUIRED_FILES = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
 
-#: ``torch_dtype`` names and their dtypes.
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
 #: Layers of the UNet that get LoRA adapters in VSD by default: every attention projection, self- and
 #: cross-attention (where ProlificDreamer's LoRAAttnProcessor put them).
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -63,7 +61,7 @@ DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CAMERA_DIM = 16
 
 
-class StableDiffusionPrior(DiffusionPrior):
+class StableDiffusionPrior(LatentDiffusionPrior):
     """Adapter around a diffusers ``UNet2DConditionModel`` and ``AutoencoderKL``.
 
     Its space is the VAE latent ``[B, C, h, w]`` (C = the UNet's ``in_channels``, 4) at the UNet's
@@ -74,8 +72,8 @@ class StableDiffusionPrior(DiffusionPrior):
     ``text_lora`` ``[B, L, D]``, the view-independent prompt, and ``camera`` ``[B, 16]``, the
     flattened camera-to-world matrices.
 
-    The networks may be float16 while everything around them is float32: inputs are cast to the
-    weights' dtype on the way in and outputs back to the caller's dtype on the way out.
+    Resizing, encoding, decoding, the dtype and the reading of the prompt are
+    :class:`~lift3d.guidance.latent_diffusion.LatentDiffusionPrior`'s.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, alphas_cumprod: Tensor, prediction_type: str,
@@ -104,26 +102,7 @@ class StableDiffusionPrior(DiffusionPrior):
         #: Whether :meth:`condition` adds the LoRA model's keys (set by :meth:`lora_copy`).
         self.lora_conditioning = False
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the UNet and VAE compute in."""
-        return next(self.unet.parameters()).dtype
-
     # -- the adapter -------------------------------------------------------------------------------
-
-    def resize(self, images: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B 3 h w"]:
-        """Renders ``[B, H, W, 3]`` -> channels first at the working resolution (differentiable)."""
-        x = images.permute(0, 3, 1, 2)
-        if tuple(x.shape[-2:]) != self.resolution:
-            # antialias only acts when shrinking (a render larger than the working resolution)
-            x = F.interpolate(x, self.resolution, mode="bilinear", align_corners=False, antialias=True)
-        return x
-
-    def encode(self, images: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B C h w"]:
-        """Renders in [0, 1] -> scaled VAE latents (the posterior mean), in the renders' dtype."""
-        x = self.resize(images) * 2 - 1
-        posterior = self.vae.encode(x.to(self.dtype)).latent_dist
-        return (posterior.mean * self.scaling_factor).to(images.dtype)
 
     def encode_latents(self, latents: Float[Tensor, "B C h w"]) -> Float[Tensor, "B C h0 w0"]:
         """Renders taken as latents (``image: latents``) -> the UNet's latent size; no VAE."""
@@ -134,56 +113,23 @@ class StableDiffusionPrior(DiffusionPrior):
             latents = F.interpolate(latents, self.latent_size, mode="bilinear", align_corners=False)
         return latents
 
-    def decode(self, x: Float[Tensor, "B C h w"]) -> Float[Tensor, "B H W 3"]:
-        """Scaled latents -> images in [0, 1] at the working resolution, in the latents' dtype."""
-        img = self.vae.decode((x / self.scaling_factor).to(self.dtype)).sample
-        return (img.to(x.dtype) * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-
     def condition(self, inp: GuidanceInput, view_dependent_prompting: bool = True) -> Conditioning:
-        prompt = inp.prompt
-        if prompt is None:
-            raise ValueError(f"{self.guidance_name} needs text embeddings: set prompt_processor_type: "
-                             "stable-diffusion-prompt-processor (and prompt=... on the command line)")
-        cams = inp.cameras
-        args = (cams.elevation, cams.azimuth, cams.distance, view_dependent_prompting)
-        negatives, weights = [], None
-        if prompt.use_perp_neg:
-            cond, uncond, neg, weights = prompt.get_text_embeddings_perp_neg(*args)
-            negatives = [neg[:, k] for k in range(neg.shape[1])]
-        else:
-            cond, uncond = prompt.get_text_embeddings(*args)
-        if not cond.is_floating_point() or cond.dim() != 3 or cond.shape[-1] != self.text_dim:
-            raise ValueError(
-                f"{self.guidance_name}: the UNet attends to text hidden states [B, L, {self.text_dim}], but the prompt "
-                f"processor '{getattr(prompt, 'source', '?')}' gave {cond.dtype} {tuple(cond.shape)}; use "
-                "stable-diffusion-prompt-processor with the same model as the guidance (sd_model=... sets both)")
-        null = getattr(prompt, "extras", {}).get("null_text_embeddings")
-        B, dev = cond.shape[0], cond.device
+        cond, uncond, negatives, weights, null = self.text_embeddings(inp, view_dependent_prompting)
+        B, dev, cams = cond.shape[0], cond.device, inp.cameras
         shared: Cond = {}
         if null is not None:
-            shared["null"] = null.to(dev).expand(B, *null.shape[1:])
+            shared["null"] = null
         if self.lora_conditioning:
             # What the LoRA model reads (ProlificDreamer): the plain prompt, whatever the view, and the camera.
-            shared["text_lora"] = prompt.get_text_embeddings(*args[:3], view_dependent_prompting=False)[0].to(dev)
+            shared["text_lora"] = inp.prompt.get_text_embeddings(cams.elevation, cams.azimuth, cams.distance,
+                                                                 view_dependent_prompting=False)[0].to(dev)
             shared["camera"] = cams.c2w.reshape(B, CAMERA_DIM).to(dev, torch.float32)
-
-        def branch(text: Tensor) -> Cond:
-            return {"text": text, **shared}
-
-        return Conditioning(cond=branch(cond), uncond=branch(uncond), negatives=[branch(n) for n in negatives],
-                            neg_weights=weights)
+        return self.text_branches(cond, uncond, negatives, weights, shared)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dt = self.dtype
         out = self.unet(x_t.to(dt), t, encoder_hidden_states=cond["text"].to(dt)).sample
         return out.to(x_t.dtype)
-
-    def drop_text(self, cond: Cond, mask: Tensor) -> Cond:
-        if "null" not in cond:
-            raise ValueError(f"{self.guidance_name}: dropping the text needs the empty prompt's embedding, which "
-                             "only stable-diffusion-prompt-processor supplies")
-        keep = ~mask.view(-1, *([1] * (cond["text"].dim() - 1)))
-        return {**cond, "text": torch.where(keep, cond["text"], cond["null"])}
 
     def lora_copy(self, rank: int, alpha: float, targets: list[str]) -> "StableDiffusionLoRAPrior":
         """VSD's LoRA model: a twin of the UNet sharing every frozen tensor with it, with peft LoRA
@@ -313,14 +259,6 @@ class StableDiffusionLoRAPrior(DiffusionPrior):
                         store[key] = src
 
 
-def weights_dtype(torch_dtype: Optional[str], half_precision_weights: bool, on_cuda: bool) -> torch.dtype:
-    """The dtype of the frozen weights: ``torch_dtype`` when set, else float16 on CUDA (when
-    ``half_precision_weights``) and float32 elsewhere (half precision on a CPU is slow or unsupported)."""
-    if torch_dtype is not None:
-        return DTYPES[torch_dtype]
-    return torch.float16 if (half_precision_weights and on_cuda) else torch.float32
-
-
 @dataclass
 class StableDiffusionWeights:
     """The config keys of every guidance built on Stable Diffusion weights."""
@@ -347,18 +285,12 @@ class StableDiffusionWeights:
     """torch.compile the UNet (compiled on the first step; pays off on long runs on GPUs)."""
 
 
-class _StableDiffusionPrior:
-    """What guidances on Stable Diffusion share: finding and loading the weights, their dtype per device."""
+class _StableDiffusionPrior(LatentDiffusionWeights):
+    """What guidances on Stable Diffusion share: finding and loading the weights, their dtype per device
+    (and the working resolution, from :class:`~lift3d.guidance.latent_diffusion.LatentDiffusionWeights`)."""
 
     prior_family = "stable-diffusion"
-
-    def __init__(self, cfg: Any = None, *, cfg_key: str = "", prov: Provenance | None = None, **kwargs: Any):
-        object.__setattr__(self, "_cfg_key", cfg_key or "system.guidance")
-        super().__init__(cfg, cfg_key=cfg_key, prov=prov, **kwargs)
-
-    @classmethod
-    def requires(cls, cfg: Any) -> frozenset[str]:
-        return super().requires(cfg) | {"prompt_embeddings"}
+    prior_inputs = frozenset({"prompt_embeddings"})
 
     @classmethod
     def resolve(cls, cfg: Any, key: str = "system.guidance") -> Path:
@@ -416,21 +348,8 @@ class _StableDiffusionPrior:
             # only the schedule moves; the weights must not be touched.
             prior.alphas_cumprod = fn(prior.alphas_cumprod)
             return super(DiffusionGuidance, self)._apply(fn, *args, **kwargs)
-        out = super()._apply(fn, *args, **kwargs)
-        if prior is not None:
-            self._match_dtype_to_device(prior)
-        return out
-
-    def _match_dtype_to_device(self, prior: StableDiffusionPrior) -> None:
-        """float16 on CUDA, float32 elsewhere, unless the config fixes the dtype (or it was set to another)."""
-        c = self.cfg
-        if c.torch_dtype is not None or not c.half_precision_weights:
-            return
-        on_cuda = prior.alphas_cumprod.device.type == "cuda"
-        want = weights_dtype(None, True, on_cuda)
-        if prior.dtype in (torch.float16, torch.float32) and prior.dtype != want:
-            prior.unet.to(want)
-            prior.vae.to(want)
+        # the weights move with the guidance, then take the new device's dtype (LatentDiffusionWeights)
+        return super()._apply(fn, *args, **kwargs)
 
 
 def offload_to(prior: StableDiffusionPrior, device: torch.device) -> None:
@@ -490,11 +409,6 @@ class StableDiffusionGuidance(_StableDiffusionPrior, SDSGuidance):
                               "image: latents has no image render; turn one of them off")
         super().configure()
 
-    @property
-    def resolution(self) -> tuple[int, int]:
-        """The working resolution (h, w) in pixels, from the model's config."""
-        return self.prior.resolution
-
     def scored_image(self, inp: GuidanceInput) -> Tensor:
         if self.cfg.image != "latents":
             return super().scored_image(inp)
@@ -512,24 +426,18 @@ class StableDiffusionGuidance(_StableDiffusionPrior, SDSGuidance):
 
     def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
         c = self.cfg
-        lo, hi = self.step_range()
-        x, t, noise, a, x_t, conds = self.noised(inp, t, noise)
-        with torch.no_grad():
-            eps_cfg = self.guided(x_t, t, conds, self.C(c.guidance_scale))
-            w = self.weight(t).view_as(a)
-            grad = self.process_grad(w * (eps_cfg - noise))
-        losses = {"loss_sds": self.distillation_target(x, grad)}
-        diagnostics: dict[str, Any] = {"grad_norm": grad.norm(), "min_step": torch.tensor(lo),
-                                       "max_step": torch.tensor(hi), "t": t}
+        s = self.score(inp, t, noise)
+        losses = {"loss_sds": self.distillation_target(s.x, s.grad)}
+        diagnostics = s.diagnostics
         if c.hifa_image_loss or c.return_denoised:
             with torch.no_grad():
-                x0 = (x_t - (1 - a).sqrt() * eps_cfg) / a.sqrt()
-                diagnostics["denoised"] = self.prior.decode(x0)
+                diagnostics["denoised"] = self.prior.decode(s.denoised())
         if c.hifa_image_loss:
             img = self.prior.resize(inp.normal if c.image == "normal" else inp.rgb)
+            a = s.a
             with torch.no_grad():
                 target = diagnostics["denoised"].permute(0, 3, 1, 2).to(img.dtype)
-                grad_img = self.process_grad(w * (a / (1 - a)).sqrt() * (img.detach() - target))
+                grad_img = self.process_grad(s.w * (a / (1 - a)).sqrt() * (img.detach() - target))
             losses["loss_sds_img"] = self.distillation_target(img, grad_img)
             diagnostics["grad_img_norm"] = grad_img.norm()
         return GuidanceOutput(losses=losses, diagnostics=diagnostics)

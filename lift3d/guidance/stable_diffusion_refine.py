@@ -62,11 +62,6 @@ class StableDiffusionRefineGuidance(_StableDiffusionPrior, RefineGuidance):
                               "the render; use image: rgb (or normal), not latents")
         super().configure()
 
-    @property
-    def resolution(self) -> tuple[int, int]:
-        """The working resolution (h, w) in pixels, from the model's config."""
-        return self.prior.resolution
-
     def refined(self, img: Tensor, inp: GuidanceInput, ts: list[int], noise: Tensor | None) -> Tensor:
         """The target for renders ``img`` [B, H, W, 3]: encoded, noised to ``ts[0]`` (``noise`` [B, C, h, w]
         or drawn), DDIM-denoised through ``ts`` under CFG, decoded and resized to [B, H, W, 3]."""

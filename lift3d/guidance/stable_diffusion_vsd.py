@@ -77,11 +77,6 @@ class StableDiffusionVSDGuidance(_StableDiffusionPrior, VSDGuidance):
                               "model trains on the UNet's weights); set it to false")
         super().configure()
 
-    @property
-    def resolution(self) -> tuple[int, int]:
-        """The working resolution (h, w) in pixels, from the model's config."""
-        return self.prior.resolution
-
     def scored_image(self, inp: GuidanceInput) -> Tensor:
         x = super().scored_image(inp)
         return self.prior.encode_latents(x) if self.cfg.image == "latents" else x

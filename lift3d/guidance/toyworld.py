@@ -106,11 +106,16 @@ class ToyWorldPrior(DiffusionPrior):
         return Conditioning(cond={"tokens": cond, "camera": cam, "drop": (cond == 0).all(-1)},
                             uncond={"tokens": uncond, "camera": cam, "drop": (uncond == 0).all(-1)})
 
+    def network_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of every network call besides the branch's tensors (none here)."""
+        return {}
+
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        args = (x_t, t, cond["tokens"], cond["camera"], cond["drop"])
         if self.autocast_dtype is None:
-            return self.model(x_t, t, cond["tokens"], cond["camera"], cond["drop"])
+            return self.model(*args, **self.network_kwargs())
         with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
-            out = self.model(x_t, t, cond["tokens"], cond["camera"], cond["drop"])
+            out = self.model(*args, **self.network_kwargs())
         return out.to(x_t.dtype)
 
     def drop_text(self, cond: Cond, mask: Tensor) -> Cond:
@@ -137,6 +142,17 @@ class ToyWorldPrior(DiffusionPrior):
         return ToyWorldPrior(phi, self.guidance_name, self.autocast).eval()
 
 
+def warn_if_bf16_emulated(prior: ToyWorldPrior, name: str) -> None:
+    """A RuntimeWarning when ``prior`` runs under bfloat16 autocast on a CPU that only emulates bfloat16."""
+    if prior.autocast_dtype is torch.bfloat16 and not torch.cuda.is_available():
+        from lift3d.priors.toyworld.train import cpu_has_native_bf16
+
+        if cpu_has_native_bf16() is False:
+            warnings.warn(f"{name}: autocast bf16 on a CPU without bf16 instructions (AMX, "
+                          "AVX512-BF16): torch emulates bfloat16 there, slower than float32 (autocast: null)",
+                          RuntimeWarning, stacklevel=3)
+
+
 @dataclass
 class _ToyWeights:
     pretrained: Optional[str] = None
@@ -152,6 +168,7 @@ class _ToyWorldPrior:
     """What the three toy-world guidances share: the prior they build and the token ids they need."""
 
     prior_family = "toyworld"
+    prior_inputs = frozenset({"prompt_embeddings"})
 
     @classmethod
     def missing_weights(cls, cfg: Any) -> str | None:
@@ -160,19 +177,9 @@ class _ToyWorldPrior:
         path = Path(cfg.pretrained) if cfg.pretrained else DEFAULT_WEIGHTS
         return None if path.is_file() else f"no toy-world weights at {path}"
 
-    @classmethod
-    def requires(cls, cfg: Any) -> frozenset[str]:
-        return super().requires(cfg) | {"prompt_embeddings"}
-
     def build_prior(self) -> ToyWorldPrior:
         prior = ToyWorldPrior.load(self.cfg.pretrained, self.name(), self.cfg.autocast)
-        if prior.autocast_dtype is torch.bfloat16 and not torch.cuda.is_available():
-            from lift3d.priors.toyworld.train import cpu_has_native_bf16
-
-            if cpu_has_native_bf16() is False:
-                warnings.warn(f"{self.name()}: autocast bf16 on a CPU without bf16 instructions (AMX, "
-                              "AVX512-BF16): torch emulates bfloat16 there, slower than float32 (autocast: null)",
-                              RuntimeWarning, stacklevel=2)
+        warn_if_bf16_emulated(prior, self.name())
         return prior
 
 
@@ -204,5 +211,5 @@ class ToyWorldRefineGuidance(_ToyWorldPrior, RefineGuidance):
         pass
 
 
-__all__ = ["AUTOCAST_DTYPES", "autocast_dtype", "ToyWorldPrior", "ToyWorldGuidance", "ToyWorldVSDGuidance",
-           "ToyWorldRefineGuidance"]
+__all__ = ["AUTOCAST_DTYPES", "autocast_dtype", "warn_if_bf16_emulated", "ToyWorldPrior", "ToyWorldGuidance",
+           "ToyWorldVSDGuidance", "ToyWorldRefineGuidance"]

@@ -22,19 +22,17 @@ single-view prior: ``python -m lift3d.priors.toyworld train-mv threads=2 --insta
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from lift3d.config import ConfigError
 from lift3d.guidance.base import GuidanceInput, GuidanceOutput
-from lift3d.guidance.score_distillation import Cond, SDSGuidance
-from lift3d.guidance.toyworld import ToyWorldPrior, autocast_dtype
+from lift3d.guidance.score_distillation import SDSGuidance
+from lift3d.guidance.toyworld import ToyWorldPrior, autocast_dtype, warn_if_bf16_emulated
 from lift3d.registry import register
 
 
@@ -56,13 +54,9 @@ class ToyWorldMVPrior(ToyWorldPrior):
         autocast_dtype(autocast, f"{name}.autocast")
         return cls(MultiViewToyPrior.load(path), name, autocast, n_views)
 
-    def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        args = (x_t, t, cond["tokens"], cond["camera"], cond["drop"])
-        if self.autocast_dtype is None:
-            return self.model(*args, n_views=self.n_views)
-        with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
-            out = self.model(*args, n_views=self.n_views)
-        return out.to(x_t.dtype)
+    def network_kwargs(self) -> dict[str, Any]:
+        """The group size: the network denoises each ``n_views`` consecutive rows jointly."""
+        return {"n_views": self.n_views}
 
     def lora_copy(self, rank: int, alpha: float, targets: list[str]) -> "ToyWorldMVPrior":
         raise NotImplementedError("toyworld-mv-guidance does not support VSD")
@@ -73,6 +67,7 @@ class ToyWorldMVGuidance(SDSGuidance):
     """SDS with the multi-view toy prior on groups of views; returns ``loss_sds``."""
 
     prior_family = "toyworld-mv"
+    prior_inputs = frozenset({"prompt_embeddings"})
 
     @dataclass
     class Config(SDSGuidance.Config):
@@ -108,10 +103,6 @@ class ToyWorldMVGuidance(SDSGuidance):
                 "them to lift3d/priors/toyworld/weights/toyworld-mv.safetensors (its wall time: "
                 "lift3d/priors/toyworld/README.md); or set the guidance's pretrained to a file you trained")
 
-    @classmethod
-    def requires(cls, cfg: Any) -> frozenset[str]:
-        return super().requires(cfg) | {"prompt_embeddings"}
-
     def configure(self) -> None:
         c = self.cfg
         if c.timestep_sharing == "view":
@@ -128,13 +119,7 @@ class ToyWorldMVGuidance(SDSGuidance):
 
             raise MissingWeightsError(msg)
         prior = ToyWorldMVPrior.load(str(self.weights_path(self.cfg)), self.name(), self.cfg.autocast, self.cfg.n_views)
-        if prior.autocast_dtype is torch.bfloat16 and not torch.cuda.is_available():
-            from lift3d.priors.toyworld.train import cpu_has_native_bf16
-
-            if cpu_has_native_bf16() is False:
-                warnings.warn(f"{self.name()}: autocast bf16 on a CPU without bf16 instructions (AMX, AVX512-BF16): "
-                              "torch emulates bfloat16 there, slower than float32 (autocast: null)",
-                              RuntimeWarning, stacklevel=2)
+        warn_if_bf16_emulated(prior, self.name())
         return prior
 
     @property

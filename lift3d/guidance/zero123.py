@@ -48,7 +48,8 @@ from torch import Tensor
 
 from lift3d.config import ConfigError, Scheduled
 from lift3d.guidance.base import CameraBatch, GuidanceInput, GuidanceOutput
-from lift3d.guidance.score_distillation import Cond, Conditioning, DiffusionPrior, SDSGuidance
+from lift3d.guidance.latent_diffusion import LatentDiffusionPrior, LatentDiffusionWeights, weights_dtype
+from lift3d.guidance.score_distillation import Cond, Conditioning, SDSGuidance
 from lift3d.registry import register
 
 #: Zero123-XL in the diffusers layout: what ``zero123-guidance`` loads unless told otherwise.
@@ -106,14 +107,14 @@ def camera_vector(
 # The adapter
 
 
-class Zero123Prior(DiffusionPrior):
+class Zero123Prior(LatentDiffusionPrior):
     """Adapter around Zero123's networks: an image-conditioned diffusers ``UNet2DConditionModel`` (8 input
     channels), an ``AutoencoderKL``, a ``CLIPVisionModelWithProjection`` and the camera projection.
 
     Its space is the VAE latent ``[B, 4, h, w]``. A branch (:data:`Cond`) is ``token`` [B, 1, D] (the
     projected [CLIP embedding, camera], or zeros) and ``image`` [B, 4, h, w] (the conditioning
-    image's unscaled latent, or zeros). Inputs are cast to the networks' dtype on the way in and
-    outputs back on the way out.
+    image's unscaled latent, or zeros). Resizing, encoding, decoding and the dtype are
+    :class:`~lift3d.guidance.latent_diffusion.LatentDiffusionPrior`'s.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, image_encoder: nn.Module, projection: nn.Module,
@@ -153,10 +154,6 @@ class Zero123Prior(DiffusionPrior):
         # (image, its CLIP embedding, its latent) of the last conditioning image: not a buffer, never saved.
         self._embedded: tuple[Tensor, Tensor, Tensor] | None = None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
     def set_dtype(self, dtype: torch.dtype) -> None:
         """Cast the networks (not the schedule or the pixel statistics) to ``dtype``."""
         for net in (self.unet, self.vae, self.image_encoder, self.projection):
@@ -169,24 +166,6 @@ class Zero123Prior(DiffusionPrior):
         return super()._apply(fn, *args, **kwargs)
 
     # -- images ----------------------------------------------------------------------------------
-
-    def resize(self, images: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B 3 h w"]:
-        """Images ``[B, H, W, 3]`` -> channels first at the working resolution (differentiable)."""
-        x = images.permute(0, 3, 1, 2)
-        if tuple(x.shape[-2:]) != self.resolution:
-            # antialias only acts when shrinking
-            x = F.interpolate(x, self.resolution, mode="bilinear", align_corners=False, antialias=True)
-        return x
-
-    def encode(self, images: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B C h w"]:
-        """Renders in [0, 1] -> scaled VAE latents (the posterior mean), in the renders' dtype."""
-        x = self.resize(images) * 2 - 1
-        posterior = self.vae.encode(x.to(self.dtype)).latent_dist
-        return (posterior.mean * self.scaling_factor).to(images.dtype)
-
-    def decode(self, x: Float[Tensor, "B C h w"]) -> Float[Tensor, "B H W 3"]:
-        img = self.vae.decode((x / self.scaling_factor).to(self.dtype)).sample
-        return (img.to(x.dtype) * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
     @torch.no_grad()
     def embed_image(self, image: Float[Tensor, "N H W 3"]) -> tuple[Float[Tensor, "N D"], Float[Tensor, "N C h w"]]:
@@ -352,10 +331,11 @@ def load_diffusers_folder(folder: Path, key: str) -> dict[str, Any]:
             "clip_mean": mean, "clip_std": std, "prediction_type": scheduler.config.prediction_type}
 
 
-class _Zero123Base(SDSGuidance):
+class _Zero123Base(LatentDiffusionWeights, SDSGuidance):
     """What the Zero123 guidances share: the weights, the adapter, SDS with its own forward."""
 
     prior_family = "zero123"
+    prior_inputs = frozenset({"cond_image"})
     #: The camera numbers the network reads (see :func:`camera_vector`).
     camera_mode: CameraMode = "relative"
 
@@ -373,14 +353,6 @@ class _Zero123Base(SDSGuidance):
         decode per step)."""
 
     cfg: Config
-
-    def __init__(self, cfg: Any = None, *, cfg_key: str = "", prov: Any = None, **kwargs: Any):
-        object.__setattr__(self, "_cfg_key", cfg_key or "system.guidance")
-        super().__init__(cfg, cfg_key=cfg_key, prov=prov, **kwargs)
-
-    @classmethod
-    def requires(cls, cfg: Any) -> frozenset[str]:
-        return super().requires(cfg) | {"cond_image"}
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -428,11 +400,6 @@ class _Zero123Base(SDSGuidance):
             return probe(path, "system.guidance.pretrained_model_name_or_path")
         return None
 
-    def weights_dtype(self, on_cuda: bool) -> torch.dtype:
-        from lift3d.guidance.stable_diffusion import weights_dtype
-
-        return weights_dtype(self.cfg.torch_dtype, self.cfg.half_precision_weights, on_cuda)
-
     def build_prior(self) -> Zero123Prior:
         c, key = self.cfg, f"{self._cfg_key}.pretrained_model_name_or_path"
         path = self.resolve(c, self._cfg_key)
@@ -450,40 +417,19 @@ class _Zero123Base(SDSGuidance):
         alphas = parts.pop("alphas_cumprod")
         nets = [parts.pop(n) for n in ("unet", "vae", "image_encoder", "projection")]
         prior = Zero123Prior(*nets, alphas, camera=self.camera_mode, name=self.name(), **parts)
-        # float32 unless fixed: the dtype follows the device the guidance moves to (see _apply).
-        prior.set_dtype(self.weights_dtype(on_cuda=False))
+        # float32 unless fixed: the dtype follows the device the guidance moves to (LatentDiffusionWeights._apply).
+        prior.set_dtype(weights_dtype(c.torch_dtype, c.half_precision_weights, on_cuda=False))
         return prior
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        out = super()._apply(fn, *args, **kwargs)
-        prior = self.__dict__.get("prior")
-        c = self.cfg
-        if prior is not None and c.torch_dtype is None and c.half_precision_weights:
-            # float16 on CUDA, float32 elsewhere (unless moved to yet another dtype on purpose).
-            want = self.weights_dtype(on_cuda=prior.alphas_cumprod.device.type == "cuda")
-            if prior.dtype in (torch.float16, torch.float32) and prior.dtype != want:
-                prior.set_dtype(want)
-        return out
 
     # -- scoring ---------------------------------------------------------------------------------
 
-    @property
-    def resolution(self) -> tuple[int, int]:
-        """The working resolution (h, w) in pixels, from the networks' configs."""
-        return self.prior.resolution
-
     def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
-        lo, hi = self.step_range()
-        x, t, noise, a, x_t, conds = self.noised(inp, t, noise)
-        with torch.no_grad():
-            eps_cfg = self.guided(x_t, t, conds, self.C(self.cfg.guidance_scale))
-            grad = self.process_grad(self.weight(t).view_as(a) * (eps_cfg - noise))
-        diagnostics: dict[str, Any] = {"grad_norm": grad.norm(), "min_step": torch.tensor(lo),
-                                       "max_step": torch.tensor(hi), "t": t, "camera": conds.cond["camera"]}
+        s = self.score(inp, t, noise)
+        s.diagnostics["camera"] = s.conds.cond["camera"]
         if self.cfg.return_denoised:
             with torch.no_grad():
-                diagnostics["denoised"] = self.prior.decode((x_t - (1 - a).sqrt() * eps_cfg) / a.sqrt())
-        return GuidanceOutput(losses={"loss_sds": self.distillation_target(x, grad)}, diagnostics=diagnostics)
+                s.diagnostics["denoised"] = self.prior.decode(s.denoised())
+        return GuidanceOutput(losses={"loss_sds": self.distillation_target(s.x, s.grad)}, diagnostics=s.diagnostics)
 
 
 @register("zero123-guidance")

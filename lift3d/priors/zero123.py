@@ -21,7 +21,8 @@ reshaping) that fills it: CLIP's fused ``in_proj`` is split into query, key and 
 transposed, the autoencoder's 1x1-convolution attention kernels flattened to linear ones. It is
 checked both ways on every load: a checkpoint key that nothing places and no rule knows to skip is
 an error that lists it, and so is a parameter left unfilled. The keys skipped on purpose are
-listed in :data:`SKIPPED` with the reason.
+listed in :data:`SKIPPED` with the reason. The UNet's and the autoencoder's names come from
+Stable Diffusion's original layout in :mod:`lift3d.priors.ldm_keys`, which MVDream's key map shares.
 
 A checkpoint is read with ``torch.load(weights_only=True)``, never by unpickling arbitrary
 objects. A file that also holds pickled Python objects (a Lightning checkpoint's hyper-parameters,
@@ -52,6 +53,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from lift3d.config import ConfigError
+from lift3d.priors import ldm_keys
 
 #: Prefixes of the networks in an original checkpoint.
 UNET_PREFIX = "model.diffusion_model."
@@ -137,94 +139,25 @@ class Source:
         return t.contiguous()
 
 
+def unet_sources(config: dict[str, Any]) -> dict[str, str]:
+    """Each parameter name of the diffusers UNet ``config`` describes -> its ldm name (without prefix),
+    from the shared layout of :mod:`lift3d.priors.ldm_keys` (a level's attention read off
+    ``down_block_types``)."""
+    depth = config.get("transformer_layers_per_block", 1)
+    depth = max(depth) if isinstance(depth, (list, tuple)) else int(depth)
+    attention = ["CrossAttn" in t for t in config["down_block_types"]]
+    blocks = ldm_keys.unet_blocks(int(config["layers_per_block"]), attention, depth)
+    return {ours: orig for ours, orig, _ in ldm_keys.parameters(blocks)}
+
+
+def vae_sources(config: dict[str, Any]) -> dict[str, Source]:
+    """Each parameter name of the diffusers AutoencoderKL ``config`` describes -> its ldm :class:`Source`
+    (without prefix; the mid-block attention's 1x1-convolution kernels flattened)."""
+    blocks = ldm_keys.vae_blocks(len(config["block_out_channels"]), int(config["layers_per_block"]))
+    return {ours: Source(orig, flatten_1x1=flatten) for ours, orig, flatten in ldm_keys.parameters(blocks)}
+
+
 _PARAM = r"(weight|bias)"
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_UNET_FIXED = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-               "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def unet_source(name: str, config: dict[str, Any]) -> str:
-    """The ldm name (without prefix) of the diffusers UNet parameter ``name``.
-
-    ldm numbers its blocks flat: ``input_blocks`` holds the input convolution, then per level
-    ``layers_per_block`` (ResBlock [, SpatialTransformer]) entries and a downsampler (not after the
-    last level); ``output_blocks`` holds per level ``layers_per_block + 1`` entries, the level's
-    upsampler riding in the last one. Transformer internals have the same names on both sides.
-    """
-    per = int(config["layers_per_block"]) + 1
-    m = re.fullmatch(rf"(conv_in|time_embedding\.linear_[12]|conv_norm_out|conv_out)\.{_PARAM}", name)
-    if m:
-        return f"{_UNET_FIXED[m[1]]}.{m[2]}"
-    m = re.fullmatch(rf"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.{_PARAM}", name)
-    if m:
-        return f"input_blocks.{1 + int(m[1]) * per + int(m[2])}.0.{_UNET_RESNET[m[3]]}.{m[4]}"
-    m = re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", name)
-    if m:
-        return f"input_blocks.{1 + int(m[1]) * per + int(m[2])}.1.{m[3]}"
-    m = re.fullmatch(rf"down_blocks\.(\d+)\.downsamplers\.0\.conv\.{_PARAM}", name)
-    if m:
-        return f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
-    m = re.fullmatch(rf"mid_block\.resnets\.([01])\.(\w+)\.{_PARAM}", name)
-    if m:
-        return f"middle_block.{2 * int(m[1])}.{_UNET_RESNET[m[2]]}.{m[3]}"
-    m = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", name)
-    if m:
-        return f"middle_block.1.{m[1]}"
-    m = re.fullmatch(rf"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.{_PARAM}", name)
-    if m:
-        return f"output_blocks.{int(m[1]) * per + int(m[2])}.0.{_UNET_RESNET[m[3]]}.{m[4]}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", name)
-    if m:
-        return f"output_blocks.{int(m[1]) * per + int(m[2])}.1.{m[3]}"
-    m = re.fullmatch(rf"up_blocks\.(\d+)\.upsamplers\.0\.conv\.{_PARAM}", name)
-    if m:
-        level = int(m[1])
-        slot = 2 if "CrossAttn" in config["up_block_types"][level] else 1
-        return f"output_blocks.{level * per + per - 1}.{slot}.conv.{m[2]}"
-    raise KeyError(name)
-
-
-_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def vae_source(name: str, config: dict[str, Any]) -> Source:
-    """The ldm name (without prefix) of the diffusers AutoencoderKL parameter ``name``.
-
-    ldm's decoder counts its levels from the bottom (``up.0`` is the last one run), diffusers'
-    in running order; mid-block attention is a set of 1x1 convolutions there, linear layers here.
-    """
-    levels = len(config["block_out_channels"])
-    m = re.fullmatch(rf"(quant_conv|post_quant_conv|encoder\.conv_in|encoder\.conv_out|decoder\.conv_in|"
-                     rf"decoder\.conv_out)\.{_PARAM}", name)
-    if m:
-        return Source(name)
-    m = re.fullmatch(rf"(encoder|decoder)\.conv_norm_out\.{_PARAM}", name)
-    if m:
-        return Source(f"{m[1]}.norm_out.{m[2]}")
-    m = re.fullmatch(rf"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.{_PARAM}", name)
-    if m:
-        return Source(f"encoder.down.{m[1]}.block.{m[2]}.{_VAE_RESNET[m[3]]}.{m[4]}")
-    m = re.fullmatch(rf"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.{_PARAM}", name)
-    if m:
-        return Source(f"encoder.down.{m[1]}.downsample.conv.{m[2]}")
-    m = re.fullmatch(rf"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.{_PARAM}", name)
-    if m:
-        return Source(f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{_VAE_RESNET[m[3]]}.{m[4]}")
-    m = re.fullmatch(rf"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.{_PARAM}", name)
-    if m:
-        return Source(f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}")
-    m = re.fullmatch(rf"(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)\.{_PARAM}", name)
-    if m:
-        return Source(f"{m[1]}.mid.block_{int(m[2]) + 1}.{_VAE_RESNET[m[3]]}.{m[4]}")
-    m = re.fullmatch(rf"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.{_PARAM}",
-                     name)
-    if m:
-        return Source(f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}", flatten_1x1=m[2] != "group_norm")
-    raise KeyError(name)
-
-
 _CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
                "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 _CLIP_FIXED = {"vision_model.embeddings.class_embedding": "class_embedding",
@@ -264,15 +197,17 @@ def key_map(names: dict[str, Iterable[str]], unet_config: dict[str, Any], vae_co
     covers raises a :class:`CheckpointLayoutError` (a network this map was not written for)."""
     out: dict[str, dict[str, Source]] = {}
     unknown: list[str] = []
+    unet = unet_sources(unet_config) if "unet" in names else {}
+    vae = vae_sources(vae_config) if "vae" in names else {}
     for net, keys in names.items():
         table: dict[str, Source] = {}
         for name in keys:
             try:
                 if net == "unet":
-                    src = UNET_PREFIX + unet_source(name, unet_config)
+                    src = UNET_PREFIX + unet[name]
                     table[name] = Source(ema_key(src) if use_ema else src)
                 elif net == "vae":
-                    s = vae_source(name, vae_config)
+                    s = vae[name]
                     table[name] = Source(VAE_PREFIX + s.key, flatten_1x1=s.flatten_1x1)
                 elif net == "image_encoder":
                     s = clip_source(name)
@@ -650,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["PUBLISHED", "SKIPPED", "CONVERTER", "CLIP_MEAN", "CLIP_STD", "Architecture", "OriginalWeights",
-           "CameraProjection", "CheckpointLayoutError", "Source", "unet_source", "vae_source", "clip_source",
+           "CameraProjection", "CheckpointLayoutError", "Source", "unet_sources", "vae_sources", "clip_source",
            "ema_key", "key_map", "read_state_dict", "probe", "load_original", "original_state_dict", "convert",
            "main", "tensors_of", "pickle_message", "has_ema", "build_networks"]
 

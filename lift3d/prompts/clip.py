@@ -37,8 +37,62 @@ REQUIRED_FILES = ("text_encoder/config.json", "tokenizer")
 ENCODE_BATCH = 16
 
 
+class HiddenStatePromptProcessor(BasePromptProcessor):
+    """A processor whose embeddings are a transformers text model's ``last_hidden_state``, encoded in
+    batches of :data:`ENCODE_BATCH` on ``cfg.device`` and freed after; the empty text always rides
+    along as ``PromptUtils.extras["null_text_embeddings"]`` ``[1, L, D]``, the model's "no text".
+
+    Subclasses load ``(tokenizer, text model)`` in :meth:`load_encoder` and turn texts into token ids
+    in :meth:`token_ids`.
+    """
+
+    def configure(self, **kwargs: Any) -> None:
+        super().configure(**kwargs)
+        self._tokenizer: Any = None
+        self._text_encoder: Any = None
+        self._table: dict[str, Tensor] = {}
+
+    def encoder_device(self) -> str:
+        """Where the text model runs: ``cfg.device``, else CUDA when available, else the CPU."""
+        return self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def load_encoder(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def token_ids(self, tokenizer: Any, encoder: Any, texts: list[str]) -> Tensor:
+        """``[N, L]`` token ids of ``texts`` as the model was trained on them."""
+        raise NotImplementedError
+
+    def encode(self, texts: list[str]) -> Float[Tensor, "N L D"]:
+        """The text model's ``last_hidden_state`` ``[N, L, D]`` per text (float32, on the CPU)."""
+        tokenizer, encoder = self.load_encoder()
+        device = next(encoder.parameters()).device
+        ids = self.token_ids(tokenizer, encoder, texts)
+        with torch.no_grad():
+            rows = [encoder(chunk.to(device)).last_hidden_state.float().cpu() for chunk in ids.split(ENCODE_BATCH)]
+        return torch.cat(rows)
+
+    def release_encoder(self) -> None:
+        on_cuda = self._text_encoder is not None and next(self._text_encoder.parameters()).is_cuda
+        self._text_encoder = None
+        self._tokenizer = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def embed(self, texts: list[str]) -> dict[str, Tensor]:
+        # The empty text rides along: "no text" for the guidance (see the class docstring).
+        self._table = super().embed([*texts, ""])
+        return self._table
+
+    def _build(self) -> PromptUtils:
+        utils = super()._build()
+        utils.extras["null_text_embeddings"] = self._table[""][None]
+        return utils
+
+
 @register("stable-diffusion-prompt-processor")
-class StableDiffusionPromptProcessor(BasePromptProcessor):
+class StableDiffusionPromptProcessor(HiddenStatePromptProcessor):
     """CLIP hidden states ``[1, 77, D]`` per text for ``stable-diffusion-guidance``."""
 
     @dataclass
@@ -56,9 +110,6 @@ class StableDiffusionPromptProcessor(BasePromptProcessor):
     def configure(self, **kwargs: Any) -> None:
         super().configure(**kwargs)
         self._folder: Path | None = None
-        self._tokenizer: Any = None
-        self._text_encoder: Any = None
-        self._table: dict[str, Tensor] = {}
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -104,7 +155,7 @@ class StableDiffusionPromptProcessor(BasePromptProcessor):
             from lift3d.utils.hub import MissingWeightsError
 
             folder = self.folder()
-            device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = self.encoder_device()
             try:
                 self._tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
                 self._text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
@@ -118,33 +169,10 @@ class StableDiffusionPromptProcessor(BasePromptProcessor):
 
     # -- encoding --------------------------------------------------------------------------------
 
-    def encode(self, texts: list[str]) -> Float[Tensor, "N L D"]:
-        """The text encoder's last hidden states ``[N, 77, D]`` (float32, on the CPU)."""
-        tokenizer, encoder = self.load_encoder()
-        device = next(encoder.parameters()).device
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        with torch.no_grad():
-            rows = [encoder(chunk.to(device)).last_hidden_state.float().cpu() for chunk in ids.split(ENCODE_BATCH)]
-        return torch.cat(rows)
-
-    def release_encoder(self) -> None:
-        on_cuda = self._text_encoder is not None and next(self._text_encoder.parameters()).is_cuda
-        self._text_encoder = None
-        self._tokenizer = None
-        gc.collect()
-        if on_cuda:
-            torch.cuda.empty_cache()
-
-    def embed(self, texts: list[str]) -> dict[str, Tensor]:
-        # The empty text rides along: "no text" for the guidance (see the module docstring).
-        self._table = super().embed([*texts, ""])
-        return self._table
-
-    def _build(self) -> PromptUtils:
-        utils = super()._build()
-        utils.extras["null_text_embeddings"] = self._table[""][None]
-        return utils
+    def token_ids(self, tokenizer: Any, encoder: Any, texts: list[str]) -> Tensor:
+        """Padded to the tokenizer's maximum length (77), as Stable Diffusion was trained."""
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
 
 
-__all__ = ["StableDiffusionPromptProcessor"]
+__all__ = ["HiddenStatePromptProcessor", "StableDiffusionPromptProcessor"]

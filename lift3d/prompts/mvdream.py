@@ -20,23 +20,19 @@ the model's "no text", for guidances that drop the prompt.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
-from lift3d.prompts.base import BasePromptProcessor, PromptUtils
+from lift3d.prompts.clip import HiddenStatePromptProcessor
 from lift3d.registry import register
 
 #: Where the BPE vocabulary comes from when no tokenizer folder sits beside the checkpoint.
 DEFAULT_TOKENIZER_MODEL = "stabilityai/stable-diffusion-2-1-base"
-#: Texts encoded per call of the encoder.
-ENCODE_BATCH = 16
 
 
 def open_clip_token_ids(tokenizer: Any, texts: list[str], length: int) -> Tensor:
@@ -50,12 +46,12 @@ def open_clip_token_ids(tokenizer: Any, texts: list[str], length: int) -> Tensor
 
 
 @register("mvdream-prompt-processor")
-class MVDreamPromptProcessor(BasePromptProcessor):
+class MVDreamPromptProcessor(HiddenStatePromptProcessor):
     """OpenCLIP penultimate-layer states ``[1, 77, D]`` per text, from MVDream's checkpoint, for
     ``mvdream-guidance``."""
 
     @dataclass
-    class Config(BasePromptProcessor.Config):
+    class Config(HiddenStatePromptProcessor.Config):
         pretrained_model_name_or_path: str = "MVDream/MVDream"
         """The same checkpoint as the guidance (recipes set both to ``${mvdream_model}``): a file, a
         folder holding ``filename``, or a Hugging Face id found in the local cache."""
@@ -79,9 +75,6 @@ class MVDreamPromptProcessor(BasePromptProcessor):
         super().configure(**kwargs)
         self._checkpoint: Path | None = None
         self._tokenizer_folder: Path | None = None
-        self._tokenizer: Any = None
-        self._text_encoder: Any = None
-        self._table: dict[str, Tensor] = {}
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -146,7 +139,7 @@ class MVDreamPromptProcessor(BasePromptProcessor):
             from lift3d.utils.hub import MissingWeightsError
 
             ckpt, tok = self.files()
-            device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = self.encoder_device()
             try:
                 self._tokenizer = CLIPTokenizer.from_pretrained(str(tok), local_files_only=True)
             except (OSError, ValueError) as exc:
@@ -162,33 +155,12 @@ class MVDreamPromptProcessor(BasePromptProcessor):
         return self._tokenizer, self._text_encoder
 
     # -- encoding --------------------------------------------------------------------------------
+    # (encode, release_encoder, the empty text alongside: HiddenStatePromptProcessor's; the text model
+    # built by load_mvdream stops at the penultimate layer, so its last_hidden_state is that layer's.)
 
-    def encode(self, texts: list[str]) -> Float[Tensor, "N L D"]:
-        """The tower's penultimate-layer states ``[N, 77, D]`` (float32, on the CPU)."""
-        tokenizer, encoder = self.load_encoder()
-        device = next(encoder.parameters()).device
-        ids = open_clip_token_ids(tokenizer, texts, int(encoder.config.max_position_embeddings))
-        with torch.no_grad():
-            rows = [encoder(chunk.to(device)).last_hidden_state.float().cpu() for chunk in ids.split(ENCODE_BATCH)]
-        return torch.cat(rows)
-
-    def release_encoder(self) -> None:
-        on_cuda = self._text_encoder is not None and next(self._text_encoder.parameters()).is_cuda
-        self._text_encoder = None
-        self._tokenizer = None
-        gc.collect()
-        if on_cuda:
-            torch.cuda.empty_cache()
-
-    def embed(self, texts: list[str]) -> dict[str, Tensor]:
-        # The empty text rides along: "no text" for the guidance.
-        self._table = super().embed([*texts, ""])
-        return self._table
-
-    def _build(self) -> PromptUtils:
-        utils = super()._build()
-        utils.extras["null_text_embeddings"] = self._table[""][None]
-        return utils
+    def token_ids(self, tokenizer: Any, encoder: Any, texts: list[str]) -> Tensor:
+        """Padded with zeros to the tower's context length, as ``open_clip.tokenize`` pads."""
+        return open_clip_token_ids(tokenizer, texts, int(encoder.config.max_position_embeddings))
 
 
 __all__ = ["MVDreamPromptProcessor", "open_clip_token_ids", "DEFAULT_TOKENIZER_MODEL"]

@@ -33,7 +33,7 @@ from lift3d.priors.mvdream.checkpoint import (
 )
 from lift3d.priors.mvdream.network import SD21_BASE_UNET, MultiViewAttnProcessor
 from lift3d.registry import find
-from lift3d.utils.hub import MissingWeightsError
+from missing_weights import build_error, empty_hub  # noqa: F401 (fixture)
 from tiny_mvdream import LATENT_SIZE, RESOLUTION, TINY_ARCH, original_state, tiny_mvdream  # noqa: F401 (fixture)
 
 NAME = "mvdream-guidance"
@@ -409,19 +409,10 @@ def test_the_prompt_processor_reads_the_penultimate_layer_through_the_key_map(pr
 # -- missing weights -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def empty_hub(tmp_path, monkeypatch, no_network):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-
-
 def test_missing_weights_name_the_key_the_file_and_where_to_get_it(empty_hub):
-    cls = find(NAME, "guidance")
-    with pytest.raises(MissingWeightsError) as info:
-        cls({})
-    msg = str(info.value)
+    msg = build_error(NAME)
     assert "system.guidance.pretrained_model_name_or_path" in msg and "'MVDream/MVDream'" in msg
     assert "hf download MVDream/MVDream sd-v2.1-base-4view.pt" in msg and "huggingface.co/MVDream/MVDream" in msg
-    assert cls.missing_weights(cls.Config()) == msg
     pp = find("mvdream-prompt-processor", "prompt-processor")
     assert "system.prompt_processor.pretrained_model_name_or_path" in pp.missing_weights(pp.Config())
 

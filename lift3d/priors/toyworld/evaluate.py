@@ -55,7 +55,8 @@ def foreground(img: Tensor) -> Tensor:
     return img.max(dim=-1).values > FG_THRESHOLD
 
 
-def _normalised(c: Tensor) -> Tensor:
+def chromaticity(c: Tensor) -> Tensor:
+    """Colours [..., 3] with each pixel divided by its largest channel: what shading leaves unchanged."""
     return c / c.max(dim=-1, keepdim=True).values.clamp_min(1e-3)
 
 
@@ -72,7 +73,7 @@ def score_samples(samples: Tensor, gt: dict[str, Tensor], twin: dict[str, Tensor
     union = (fg | gmask).flatten(1).sum(1).float()
     iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
     both = (fg & gmask)[..., None].float()
-    diff = (_normalised(samples) - _normalised(gt["albedo"])).abs().mean(-1, keepdim=True)
+    diff = (chromaticity(samples) - chromaticity(gt["albedo"])).abs().mean(-1, keepdim=True)
     colour = (diff * both).flatten(1).sum(1) / both.flatten(1).sum(1).clamp_min(1)
     out = {"iou": iou, "colour_error": colour}
     if twin is not None:

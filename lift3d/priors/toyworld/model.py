@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,9 @@ from lift3d.config import parse_structured
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "toyworld.safetensors"
+
+
+_Prior = TypeVar("_Prior", bound="ToyWorldPrior")  # load() returns the class it is called on
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -170,27 +173,43 @@ class ToyWorldPrior(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path | None = None, map_location: str | torch.device = "cpu") -> "ToyWorldPrior":
-        """Load a safetensors file written by :meth:`save` (default: the weights shipped in the package)."""
+    def load(cls: type[_Prior], path: str | Path | None = None, map_location: str | torch.device = "cpu") -> _Prior:
+        """Load a safetensors file written by :meth:`save` (default: :meth:`default_weights`, for this class
+        the weights shipped in the package)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        path = Path(path) if path is not None else DEFAULT_WEIGHTS
+        path = Path(path) if path is not None else cls.default_weights()
         if not path.is_file():
-            raise MissingWeightsError(
-                f"toy-world prior weights not found at {path}. They ship with lift3d in "
-                f"{DEFAULT_WEIGHTS}; to rebuild them run `python -m lift3d.priors.toyworld train threads=2 "
-                "--install` (the packaged recipe; its wall time is in lift3d/priors/toyworld/README.md), "
-                "or pass the path of a file you trained."
-            )
+            raise MissingWeightsError(cls.missing_weights_message(path))
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if "lift3d_toyworld_config" not in meta:
             raise ValueError(f"{path} is not a toy-world prior file: its metadata has no 'lift3d_toyworld_config'")
-        model = cls(json.loads(meta["lift3d_toyworld_config"]))
+        model = cls.from_metadata(path, meta)
         model.load_state_dict(load_file(str(path), device=str(map_location)))
         model.metadata = meta  # type: ignore[attr-defined]
         return model
+
+    # What a subclass with a file format of its own (the multi-view twin) changes in :meth:`load`.
+
+    @classmethod
+    def default_weights(cls) -> Path:
+        """The file :meth:`load` reads when given no path."""
+        return DEFAULT_WEIGHTS
+
+    @classmethod
+    def missing_weights_message(cls, path: Path) -> str:
+        """What :meth:`load` tells the user when ``path`` does not exist."""
+        return (f"toy-world prior weights not found at {path}. They ship with lift3d in "
+                f"{DEFAULT_WEIGHTS}; to rebuild them run `python -m lift3d.priors.toyworld train threads=2 "
+                "--install` (the packaged recipe; its wall time is in lift3d/priors/toyworld/README.md), "
+                "or pass the path of a file you trained.")
+
+    @classmethod
+    def from_metadata(cls: type[_Prior], path: Path, meta: dict[str, str]) -> _Prior:
+        """An untrained model of the architecture recorded in a file's metadata (``path``: for messages)."""
+        return cls(json.loads(meta["lift3d_toyworld_config"]))
 
 
 def make_scheduler(cfg: ToyPriorConfig, kind: Literal["ddpm", "ddim"] = "ddpm") -> Any:
@@ -229,8 +248,13 @@ def sample(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     eta: float = 0.0,
+    **model_kwargs: Any,
 ) -> Tensor:
-    """DDIM sampling with classifier-free guidance. Returns images [B, 3, H, W] in [0, 1]."""
+    """DDIM sampling with classifier-free guidance. Returns images [B, 3, H, W] in [0, 1].
+
+    ``model_kwargs`` go to every call of the model (the multi-view twin's ``n_views``); each call
+    holds the conditional half of the batch, then the unconditional half, both in ``tokens``' order.
+    """
     cfg = model.cfg
     sched = make_scheduler(cfg, "ddim")
     sched.set_timesteps(steps)
@@ -241,7 +265,8 @@ def sample(
     drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(dev)
     for t in sched.timesteps:
         tt = torch.full((2 * B,), int(t), device=dev, dtype=torch.long)
-        out = model(torch.cat([x, x]), tt, torch.cat([tokens, tokens]), torch.cat([camera, camera]), drop)
+        out = model(torch.cat([x, x]), tt, torch.cat([tokens, tokens]), torch.cat([camera, camera]), drop,
+                    **model_kwargs)
         cond, uncond = out.chunk(2)
         guided = uncond + guidance_scale * (cond - uncond)
         # The step clips the predicted clean image to [-1, 1]; the noise it re-adds must be the one

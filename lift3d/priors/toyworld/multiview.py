@@ -48,8 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lift3d.config import parse_structured
-from lift3d.priors.toyworld.model import (DEFAULT_WEIGHTS, WEIGHTS_DIR, MissingWeightsError, ToyPriorConfig,
-                                          ToyWorldPrior, make_scheduler)
+from lift3d.priors.toyworld.model import DEFAULT_WEIGHTS, WEIGHTS_DIR, ToyPriorConfig, ToyWorldPrior, sample
 
 DEFAULT_MV_WEIGHTS = WEIGHTS_DIR / "toyworld-mv.safetensors"
 MULTIVIEW_META_KEY = "lift3d_toyworld_multiview"
@@ -175,31 +174,28 @@ class MultiViewToyPrior(ToyWorldPrior):
         meta = {MULTIVIEW_META_KEY: json.dumps(asdict(self.mv_cfg)), **(extra_metadata or {})}
         return super().save(path, meta)
 
-    @classmethod
-    def load(cls, path: str | Path | None = None, map_location: str | torch.device = "cpu") -> "MultiViewToyPrior":
-        """A multi-view file written by :meth:`save` (default: ``weights/toyworld-mv.safetensors``)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    # what :meth:`ToyWorldPrior.load` reads differently for a multi-view file
 
-        path = Path(path) if path is not None else DEFAULT_MV_WEIGHTS
-        if not path.is_file():
-            raise MissingWeightsError(
-                f"multi-view toy-world prior weights not found at {path}. They are made by fine-tuning the "
+    @classmethod
+    def default_weights(cls) -> Path:
+        """``weights/toyworld-mv.safetensors``: what :meth:`load` reads when given no path."""
+        return DEFAULT_MV_WEIGHTS
+
+    @classmethod
+    def missing_weights_message(cls, path: Path) -> str:
+        return (f"multi-view toy-world prior weights not found at {path}. They are made by fine-tuning the "
                 f"shipped single-view prior on groups of views: run `{FINE_TUNE_COMMAND}` (the packaged "
                 "recipe-mv.yaml; --install writes them to "
                 f"{DEFAULT_MV_WEIGHTS}), or pass the path of a file you trained.")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "lift3d_toyworld_config" not in meta:
-            raise ValueError(f"{path} is not a toy-world prior file: its metadata has no 'lift3d_toyworld_config'")
+
+    @classmethod
+    def from_metadata(cls, path: Path, meta: dict[str, str]) -> "MultiViewToyPrior":
+        """The architecture and group size of a file written by :meth:`save`; a single-view file is refused."""
         if MULTIVIEW_META_KEY not in meta:
             raise ValueError(f"{path} is a single-view toy-world prior (no '{MULTIVIEW_META_KEY}' in its metadata); "
                              "MultiViewToyPrior.from_single_view(path) starts a multi-view prior from it, and "
                              f"`{FINE_TUNE_COMMAND}` fine-tunes one")
-        model = cls(json.loads(meta["lift3d_toyworld_config"]), json.loads(meta[MULTIVIEW_META_KEY]))
-        model.load_state_dict(load_file(str(path), device=str(map_location)))
-        model.metadata = meta  # type: ignore[attr-defined]
-        return model
+        return cls(json.loads(meta["lift3d_toyworld_config"]), json.loads(meta[MULTIVIEW_META_KEY]))
 
     @classmethod
     def from_single_view(cls, path: str | Path | None = None, n_views: int = 4) -> "MultiViewToyPrior":
@@ -218,27 +214,15 @@ def sample_groups(model: MultiViewToyPrior, tokens: Tensor, camera: Tensor, n_vi
     """DDIM samples of whole groups (consecutive rows of ``tokens`` [B, L] and ``camera`` [B, 4]) with
     classifier-free guidance, denoised jointly. Returns images [B, 3, H, W] in [0, 1].
 
-    The sampler is :func:`lift3d.priors.toyworld.model.sample`'s (clipped clean estimate, noise
-    re-derived from it); the conditional and unconditional halves of each call are whole groups.
+    This is :func:`lift3d.priors.toyworld.model.sample` (clipped clean estimate, noise re-derived
+    from it) with the joint attention over groups of ``n_views`` (default: ``mv_cfg.n_views``); the
+    conditional and unconditional halves of each call are whole groups.
     """
-    cfg = model.cfg
     f = model.mv_cfg.n_views if n_views is None else int(n_views)
-    B = tokens.shape[0]
-    if B % f:
-        raise ValueError(f"sample_groups: {B} views are not whole groups of {f}")
-    sched = make_scheduler(cfg, "ddim")
-    sched.set_timesteps(steps)
-    dev = next(model.parameters()).device
-    x = torch.randn(B, 3, cfg.resolution, cfg.resolution, generator=generator).to(dev)
-    tokens, camera = tokens.to(dev), camera.to(dev)
-    drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(dev)
-    for t in sched.timesteps:
-        tt = torch.full((2 * B,), int(t), device=dev, dtype=torch.long)
-        out = model(torch.cat([x, x]), tt, torch.cat([tokens, tokens]), torch.cat([camera, camera]), drop, n_views=f)
-        cond, uncond = out.chunk(2)
-        guided = uncond + guidance_scale * (cond - uncond)
-        x = sched.step(guided, t, x, eta=eta, generator=generator, use_clipped_model_output=True).prev_sample
-    return ((x + 1) / 2).clamp(0, 1)
+    if tokens.shape[0] % f:
+        raise ValueError(f"sample_groups: {tokens.shape[0]} views are not whole groups of {f}")
+    return sample(model, tokens, camera, steps=steps, guidance_scale=guidance_scale, generator=generator, eta=eta,
+                  n_views=f)
 
 
 __all__ = ["DEFAULT_MV_WEIGHTS", "FINE_TUNE_COMMAND", "MULTIVIEW_META_KEY", "MultiViewConfig",

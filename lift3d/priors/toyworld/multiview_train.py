@@ -20,14 +20,13 @@ multi-view model has no parameters of its own (:mod:`lift3d.priors.toyworld.mult
 
 from __future__ import annotations
 
-import copy
+import functools
 import hashlib
 import json
 import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,6 @@ from torch import Tensor
 
 from lift3d.config import ConfigError, parse_structured
 from lift3d.priors.toyworld.multiview import MULTIVIEW_META_KEY, MultiViewToyPrior
-from lift3d.utils.checkpoint import atomic_torch_save
 
 PACKAGED_MV_RECIPE = Path(__file__).with_name("recipe-mv.yaml")
 FINAL_MV_NAME = "toyworld-mv.safetensors"
@@ -247,33 +245,12 @@ def multiview_loss(model: MultiViewToyPrior, sched: Any, batch: dict[str, Tensor
                    n_views: int, min_snr_gamma: float | None = None, feature_weight: float = 0.0,
                    autocast: str | None = None) -> Tensor:
     """The denoising loss on a batch of whole groups; one timestep and one text drop per group, all
-    drawn from ``g``. The same loss as the single-view prior's otherwise (its target, its weights)."""
-    from lift3d.priors.toyworld.train import _autocast_enabled
+    drawn from ``g``: the single-view prior's loss (its target, its weights) with ``n_views`` set
+    (:func:`lift3d.priors.toyworld.train.diffusion_loss`)."""
+    from lift3d.priors.toyworld.train import diffusion_loss
 
-    x0 = batch["image"]
-    B = x0.shape[0]
-    if B % n_views:
-        raise ValueError(f"a batch of {B} views is not whole groups of {n_views}")
-    G = B // n_views
-    t = torch.randint(0, model.cfg.num_train_timesteps, (G,), generator=g).repeat_interleave(n_views)
-    noise = torch.randn(x0.shape, generator=g)
-    drop = (torch.rand(G, generator=g) < model.cfg.p_uncond).repeat_interleave(n_views)
-    x_t = sched.add_noise(x0, noise, t)
-    with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=_autocast_enabled(autocast)):
-        out = model(x_t, t, batch["tokens"], batch["camera"], drop, n_views=n_views)
-    out = out.float()
-    target = noise if model.cfg.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
-    err = F.mse_loss(out, target, reduction="none")
-    if feature_weight:
-        if "feature_region" not in batch:
-            raise ValueError("feature_weight needs batches with a feature_region")
-        err = err * (1.0 + feature_weight * batch["feature_region"])
-    per = err.mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        a = sched.alphas_cumprod[t]
-        snr = a / (1 - a)
-        per = per * snr.clamp(max=min_snr_gamma) / (snr + 1 if model.cfg.prediction_type == "v_prediction" else snr)
-    return per.mean()
+    return diffusion_loss(model, sched, batch, g, min_snr_gamma, feature_weight=feature_weight, autocast=autocast,
+                          n_views=n_views)
 
 
 def initial_model(cfg: MultiViewTrainConfig) -> MultiViewToyPrior:
@@ -299,115 +276,45 @@ def initial_model(cfg: MultiViewTrainConfig) -> MultiViewToyPrior:
 
 
 def train_multiview(cfg: MultiViewTrainConfig | dict, progress: bool = True) -> Path:
-    """Fine-tune (or resume) in ``cfg.out_dir``; returns the final (or, with stop_after, partial) weights."""
-    from lift3d.priors.toyworld.model import make_scheduler
-    from lift3d.priors.toyworld.train import _step_generator, autocast_note, lr_at
+    """Fine-tune (or resume) in ``cfg.out_dir``; returns the final (or, with stop_after, partial) weights.
+
+    The loop is the single-view training's (:func:`lift3d.priors.toyworld.train.fit`); what differs is
+    the model, the data (whole groups) and the loss (:func:`multiview_loss`)."""
+    from lift3d.priors.toyworld.train import _step_generator, epoch_batch, fit, start_run
 
     cfg = parse_structured(MultiViewTrainConfig, cfg, key="train-mv")
     for name in ("steps", "groups_per_batch", "n_views", "num_groups", "ckpt_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"train-mv.{name} must be >= 1, got {getattr(cfg, name)}")
-    note = autocast_note(cfg.autocast)
-    if note and progress:
-        print(note)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    start_run(cfg, progress)
     model = initial_model(cfg)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = make_scheduler(model.cfg, "ddpm")
-    step = 0
-    ckpt_path = out / "ckpt.pt"
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        step = int(ck["step"])
-        print(f"[toyworld-mv] resuming from {ckpt_path} at step {step}")
-    cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lift3d", "toyworld")
-    ds = MultiViewDataset(cfg.groups_per_batch, cfg.seed, cfg.num_groups, cfg.n_views, model.cfg.resolution, cache,
-                          cfg.focus_prompts, cfg.focus_fraction, cfg.shared_light,
-                          feature_regions=bool(cfg.feature_weight))
-    ds.data()
-    n_batches = len(ds)
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="toyworld multi-view prior", dynamic_ncols=True)
-    log = open(out / "train_log.csv", "a")
-    if step == 0:
-        log.write("step,loss,lr,seconds\n")
-    t_start, losses = time.time(), []
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
-    try:
-        while step < end:
-            ds.set_epoch(step // n_batches)
-            batch = ds.batch(step % n_batches)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step)  # type: ignore[arg-type]  (reads lr, warmup_steps, steps)
-            loss = multiview_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.n_views,
-                                  cfg.min_snr_gamma, cfg.feature_weight, cfg.autocast)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss at step {step}; last checkpoint: {ckpt_path}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            with torch.no_grad():
-                d = min(cfg.ema_decay, (1 + step) / (10 + step))
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - d)
-                for be, bm in zip(ema.buffers(), model.buffers()):
-                    be.copy_(bm)
-            step += 1
-            losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if step % cfg.log_every == 0:
-                lr = lr_at(cfg, step - 1)  # type: ignore[arg-type]
-                log.write(f"{step},{sum(losses) / len(losses):.6f},{lr:.3e},{time.time() - t_start:.1f}\n")
-                log.flush()
-                losses = []
-            if step % cfg.ckpt_every == 0 or step == end:
-                atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
-                                   "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg)}, ckpt_path)
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                save_group_grid(ema, out / f"samples-{step:06d}.png", seed=cfg.seed)
-    finally:
-        log.close()
-        if bar is not None:
-            bar.close()
-    name = FINAL_MV_NAME if step >= cfg.steps else f"toyworld-mv-step{step}.safetensors"
-    final = ema.save(out / name, {"train_steps": str(step), "train_seed": str(cfg.seed),
-                                  "init_from": str(cfg.init_from)})
-    print(f"[toyworld-mv] weights after {step}/{cfg.steps} steps: {final}")
-    return final
+    def batches() -> Callable[[int], dict[str, Tensor]]:
+        cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lift3d", "toyworld")
+        ds = MultiViewDataset(cfg.groups_per_batch, cfg.seed, cfg.num_groups, cfg.n_views, model.cfg.resolution,
+                              cache, cfg.focus_prompts, cfg.focus_fraction, cfg.shared_light,
+                              feature_regions=bool(cfg.feature_weight))
+        ds.data()  # render (or read) every group before the first step
+        return lambda step: epoch_batch(ds, step)
+
+    def loss_at(model: MultiViewToyPrior, sched: Any, batch: dict[str, Tensor], step: int) -> Tensor:
+        return multiview_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.n_views,
+                              cfg.min_snr_gamma, cfg.feature_weight, cfg.autocast)
+
+    return fit(cfg, model, batches, loss_at, save_group_grid, name=FINAL_MV_NAME.removesuffix(".safetensors"),
+               desc="toyworld multi-view prior", extra_metadata={"init_from": str(cfg.init_from)},
+               progress=progress)
 
 
 def save_group_grid(model: MultiViewToyPrior, path: Path, seed: int = 0, steps: int = 25,
                     prompts: tuple[str, ...] = ("a snowman", "a chair", "a mug", "a red cube")) -> Path:
-    """One row per prompt: a group sampled jointly at elevation 20, azimuths 0, 90, 180, 270."""
-    from lift3d.priors.toyworld.data import camera_vector
+    """One row per prompt: a group sampled jointly at elevation 20, azimuths ``k * 360 / n_views``
+    (the single-view grid, :func:`lift3d.priors.toyworld.train.save_sample_grid`, one group a row)."""
     from lift3d.priors.toyworld.multiview import sample_groups
-    from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
-    from lift3d.utils.io import image_grid, save_image
+    from lift3d.priors.toyworld.train import save_sample_grid
 
     n = model.mv_cfg.n_views
-    az = group_azimuths(torch.zeros(1), n)
-    tokens = pad_tokens([tokenize(p) for p in prompts for _ in range(n)])
-    cams = camera_vector(torch.full((n * len(prompts),), 20.0), az.repeat(len(prompts)),
-                         torch.full((n * len(prompts),), 2.0))
-    was_training = model.training
-    imgs = sample_groups(model.eval(), tokens, cams, n, steps=steps, generator=torch.Generator().manual_seed(seed))
-    model.train(was_training)
-    rows = [[imgs[i * n + j].permute(1, 2, 0).cpu().numpy() for j in range(n)] for i in range(len(prompts))]
-    return save_image(path, image_grid(rows))
+    return save_sample_grid(model, path, seed, steps, prompts, n, functools.partial(sample_groups, n_views=n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,17 +324,9 @@ def save_group_grid(model: MultiViewToyPrior, path: Path, seed: int = 0, steps: 
 def load_mv_recipe(source: str | Path | dict | None = None) -> dict[str, Any]:
     """The fine-tune recipe at ``source`` (a YAML path, a mapping, or None: the packaged recipe-mv.yaml),
     without its description; its keys are checked when the run's config is parsed."""
-    from omegaconf import OmegaConf
+    from lift3d.priors.toyworld.recipe import read_recipe
 
-    where = "recipe"
-    if source is None or isinstance(source, (str, Path)):
-        path = Path(source) if source is not None else PACKAGED_MV_RECIPE
-        if not path.is_file():
-            raise ConfigError(f"recipe file {path} does not exist (the packaged one: {PACKAGED_MV_RECIPE})")
-        where = str(path)
-        source = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not isinstance(source, dict):
-        raise ConfigError(f"{where}: expected a mapping of train-mv keys, got {type(source).__name__}")
+    source, _ = read_recipe(source, PACKAGED_MV_RECIPE, "a mapping of train-mv keys")
     return {k: v for k, v in source.items() if k != "description"}
 
 

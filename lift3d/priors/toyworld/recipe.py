@@ -24,20 +24,27 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CHAIN_KEYS = ("out_dir", "init_from")
 
 
-def load_recipe(source: str | Path | dict | None = None) -> dict[str, Any]:
-    """The recipe at ``source`` (a YAML path, an already-parsed mapping, or None: the packaged one),
-    checked: ``stages`` is a non-empty list of mappings with unique, path-safe names."""
+def read_recipe(source: str | Path | dict | None, packaged: Path, expected: str) -> tuple[dict[str, Any], str]:
+    """(the mapping, where it came from) of a recipe given as a YAML path, an already-parsed mapping or
+    None (the ``packaged`` file); anything but a mapping fails, the message naming what was ``expected``."""
     from omegaconf import OmegaConf
 
     where = "recipe"
     if source is None or isinstance(source, (str, Path)):
-        path = Path(source) if source is not None else PACKAGED_RECIPE
+        path = Path(source) if source is not None else packaged
         if not path.is_file():
-            raise ConfigError(f"recipe file {path} does not exist (the packaged one: {PACKAGED_RECIPE})")
+            raise ConfigError(f"recipe file {path} does not exist (the packaged one: {packaged})")
         where = str(path)
         source = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(source, dict):
-        raise ConfigError(f"{where}: expected a mapping with 'common' and 'stages', got {type(source).__name__}")
+        raise ConfigError(f"{where}: expected {expected}, got {type(source).__name__}")
+    return source, where
+
+
+def load_recipe(source: str | Path | dict | None = None) -> dict[str, Any]:
+    """The recipe at ``source`` (a YAML path, an already-parsed mapping, or None: the packaged one),
+    checked: ``stages`` is a non-empty list of mappings with unique, path-safe names."""
+    source, where = read_recipe(source, PACKAGED_RECIPE, "a mapping with 'common' and 'stages'")
     unknown = sorted(set(source) - {"common", "stages", "description"})
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid: common, description, stages")

@@ -5,6 +5,9 @@ generators seeded by (seed, k), so an interrupted run resumed from its checkpoin
 same weights as an uninterrupted one. The checkpoint (``ckpt.pt``: model, EMA, optimizer, step)
 is written atomically and loaded with ``weights_only=True``. The final EMA weights are written as
 safetensors, the format the package ships.
+
+The loop itself (:func:`fit`) also fine-tunes the multi-view twin
+(:mod:`lift3d.priors.toyworld.multiview_train`), which brings its own model, data and loss.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -165,24 +168,33 @@ def autocast_note(autocast: str | None, device: str = "cpu", cpuinfo: str | None
 def diffusion_loss(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tensor], g: torch.Generator,
                    min_snr_gamma: float | None, random_background: float = 0.0,
                    g_background: torch.Generator | None = None, feature_weight: float = 0.0,
-                   corner_weight: float = 0.0, autocast: str | None = None) -> torch.Tensor:
+                   corner_weight: float = 0.0, autocast: str | None = None,
+                   n_views: int | None = None) -> torch.Tensor:
     """The denoising loss on one batch, all randomness drawn from ``g`` (backgrounds: ``g_background``).
 
     The backgrounds have a generator of their own, so the other draws of a step do not depend on them.
     With ``feature_weight`` the batch's ``feature_region`` pixels weigh ``1 + feature_weight``; with
     ``corner_weight`` its ``corner_region`` pixels weigh ``1 + corner_weight`` (the two are disjoint).
     ``autocast="bf16"`` runs the network under bfloat16 autocast; the loss is computed in float32.
+    ``n_views`` (the multi-view twin): the batch is whole groups of ``n_views`` consecutive views, each
+    group gets one timestep and one text drop, and the model is called with ``n_views``; None draws
+    them per image, in the same order, and calls the model without it.
     """
     x0 = batch["image"]
     B = x0.shape[0]
+    per_draw = 1 if n_views is None else n_views
+    if B % per_draw:
+        raise ValueError(f"a batch of {B} views is not whole groups of {n_views}")
+    n_draws = B // per_draw
+    model_kwargs = {} if n_views is None else {"n_views": n_views}
     if random_background > 0:
         x0 = random_backgrounds(x0, batch["mask"], random_background, g_background or torch.Generator())
-    t = torch.randint(0, model.cfg.num_train_timesteps, (B,), generator=g)
+    t = torch.randint(0, model.cfg.num_train_timesteps, (n_draws,), generator=g).repeat_interleave(per_draw)
     noise = torch.randn(x0.shape, generator=g)
-    drop = torch.rand(B, generator=g) < model.cfg.p_uncond
+    drop = (torch.rand(n_draws, generator=g) < model.cfg.p_uncond).repeat_interleave(per_draw)
     x_t = sched.add_noise(x0, noise, t)
     with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=_autocast_enabled(autocast)):
-        out = model(x_t, t, batch["tokens"], batch["camera"], drop)
+        out = model(x_t, t, batch["tokens"], batch["camera"], drop, **model_kwargs)
     out = out.float()
     target = noise if model.cfg.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
     err = F.mse_loss(out, target, reduction="none")
@@ -294,22 +306,41 @@ def region_scale(cfg: TrainConfig, step: int) -> float:
     return 1.0 + (cfg.region_weight_final - 1.0) * p
 
 
-def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
-    """Train (or resume) in ``cfg.out_dir``; returns the path of the final safetensors file."""
-    from lift3d.priors.toyworld.vocab import VOCAB
-
-    cfg = parse_structured(TrainConfig, cfg, key="train")
-    note = autocast_note(cfg.autocast)  # a bad value fails before any data is rendered
+def start_run(cfg: Any, progress: bool = True) -> None:
+    """What a training does before it builds its model: check ``cfg.autocast`` (a bad value fails
+    before any data is rendered), set the threads, make ``cfg.out_dir`` and seed torch's global
+    generator with ``cfg.seed`` (the model's initialisation draws from it)."""
+    note = autocast_note(cfg.autocast)
     if note and progress:
         print(note)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = ToyWorldPrior(parse_structured(ToyPriorConfig, {"vocab_size": len(VOCAB), **cfg.model}))
-    if cfg.init_from:
-        init_weights(model, cfg.init_from)
+
+
+def epoch_batch(ds: Any, step: int) -> dict[str, torch.Tensor]:
+    """Batch ``step`` of a data set that is reshuffled every epoch (``set_epoch``, ``batch``, ``len``)."""
+    n_batches = len(ds)
+    ds.set_epoch(step // n_batches)
+    return ds.batch(step % n_batches)
+
+
+def fit(cfg: Any, model: ToyWorldPrior, batches: Callable[[], Callable[[int], dict[str, torch.Tensor]]],
+        loss_at: Callable[[ToyWorldPrior, Any, dict[str, torch.Tensor], int], torch.Tensor],
+        save_samples: Callable[..., Path], name: str = "toyworld", desc: str = "toyworld prior",
+        extra_metadata: dict[str, str] | None = None, progress: bool = True) -> Path:
+    """The resumable training loop of ``model`` in ``cfg.out_dir``; returns the safetensors file of its EMA.
+
+    ``cfg``: a :class:`TrainConfig` or the multi-view twin's config (the loop reads seed, steps, lr,
+    warmup_steps, weight_decay, ema_decay, grad_clip, ckpt_every, log_every, sample_every and
+    stop_after). After the checkpoint (``ckpt.pt``) is loaded, if there is one, ``batches()`` builds
+    the data and returns the batch of each step; ``loss_at(model, scheduler, batch, step)`` is that
+    step's loss and ``save_samples(ema, path, seed=...)`` writes a sample grid every
+    ``cfg.sample_every`` steps. The file is ``{name}.safetensors`` once ``cfg.steps`` are done, else
+    ``{name}-step{step}.safetensors``; its metadata holds the steps, the seed and ``extra_metadata``.
+    """
+    out = Path(cfg.out_dir)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(model.cfg, "ddpm")
@@ -321,15 +352,13 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         step = int(ck["step"])
-        print(f"[toyworld] resuming from {ckpt_path} at step {step}")
-    ds = build_dataset(cfg, model.cfg.resolution)
-    n_batches = len(ds)
-    pool = focus_pool(cfg, ds)
+        print(f"[{name}] resuming from {ckpt_path} at step {step}")
+    batch_at = batches()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="toyworld prior", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=step, desc=desc, dynamic_ncols=True)
     log = open(out / "train_log.csv", "a")
     if step == 0:
         log.write("step,loss,lr,seconds\n")
@@ -337,16 +366,10 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
     try:
         while step < end:
-            ds.set_epoch(step // n_batches)
-            batch = ds.batch(step % n_batches)
-            if pool is not None:
-                batch = with_focus(batch, ds, pool, cfg, step)
+            batch = batch_at(step)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
-            scale = region_scale(cfg, step)
-            loss = diffusion_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.min_snr_gamma,
-                                  cfg.random_background, _step_generator(cfg.seed, step, 3),
-                                  cfg.feature_weight * scale, cfg.corner_weight * scale, cfg.autocast)
+            loss = loss_at(model, sched, batch, step)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at step {step}; last checkpoint: {ckpt_path}")
             opt.zero_grad(set_to_none=True)
@@ -373,34 +396,69 @@ def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
                 atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
                                    "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg)}, ckpt_path)
             if cfg.sample_every and step % cfg.sample_every == 0:
-                save_sample_grid(ema, out / f"samples-{step:06d}.png", seed=cfg.seed)
+                save_samples(ema, out / f"samples-{step:06d}.png", seed=cfg.seed)
     finally:
         log.close()
         if bar is not None:
             bar.close()
-    name = "toyworld.safetensors" if step >= cfg.steps else f"toyworld-step{step}.safetensors"
-    final = ema.save(out / name, {"train_steps": str(step), "train_seed": str(cfg.seed)})
-    print(f"[toyworld] weights after {step}/{cfg.steps} steps: {final}")
+    file_name = f"{name}.safetensors" if step >= cfg.steps else f"{name}-step{step}.safetensors"
+    final = ema.save(out / file_name, {"train_steps": str(step), "train_seed": str(cfg.seed),
+                                       **(extra_metadata or {})})
+    print(f"[{name}] weights after {step}/{cfg.steps} steps: {final}")
     return final
 
 
-def save_sample_grid(model: ToyWorldPrior, path: Path, seed: int = 0, steps: int = 25) -> Path:
-    """One row per prompt subset, four azimuths each: a quick look at what the prior learned."""
+def train(cfg: TrainConfig | dict, progress: bool = True) -> Path:
+    """Train (or resume) in ``cfg.out_dir``; returns the path of the final safetensors file."""
+    from lift3d.priors.toyworld.vocab import VOCAB
+
+    cfg = parse_structured(TrainConfig, cfg, key="train")
+    start_run(cfg, progress)
+    model = ToyWorldPrior(parse_structured(ToyPriorConfig, {"vocab_size": len(VOCAB), **cfg.model}))
+    if cfg.init_from:
+        init_weights(model, cfg.init_from)
+
+    def batches() -> Callable[[int], dict[str, torch.Tensor]]:
+        ds = build_dataset(cfg, model.cfg.resolution)
+        pool = focus_pool(cfg, ds)
+
+        def batch_at(step: int) -> dict[str, torch.Tensor]:
+            batch = epoch_batch(ds, step)
+            return batch if pool is None else with_focus(batch, ds, pool, cfg, step)
+
+        return batch_at
+
+    def loss_at(model: ToyWorldPrior, sched: Any, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        scale = region_scale(cfg, step)
+        return diffusion_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.min_snr_gamma,
+                              cfg.random_background, _step_generator(cfg.seed, step, 3),
+                              cfg.feature_weight * scale, cfg.corner_weight * scale, cfg.autocast)
+
+    return fit(cfg, model, batches, loss_at, save_sample_grid, progress=progress)
+
+
+SAMPLE_GRID_PROMPTS = ("a red cube", "a blue sphere", "a green torus", "a snowman", "a chair", "a mug")
+
+
+def save_sample_grid(model: ToyWorldPrior, path: Path, seed: int = 0, steps: int = 25,
+                     prompts: tuple[str, ...] = SAMPLE_GRID_PROMPTS, n_azimuths: int = 4,
+                     sampler: Callable[..., torch.Tensor] | None = None) -> Path:
+    """One row per prompt, ``n_azimuths`` views at elevation 20 and azimuths ``k * 360 / n_azimuths``:
+    a quick look at what the prior learned. ``sampler`` (default :func:`~lift3d.priors.toyworld.model.sample`)
+    is called as ``sampler(model, tokens, cameras, steps=..., generator=...)`` with a row's views
+    consecutive (the multi-view twin samples each row as one group)."""
     from lift3d.priors.toyworld.data import camera_vector
     from lift3d.priors.toyworld.model import sample
     from lift3d.priors.toyworld.vocab import pad_tokens, tokenize
     from lift3d.utils.io import image_grid, save_image
 
-    prompts = ["a red cube", "a blue sphere", "a green torus", "a snowman", "a chair", "a mug"]
-    az = torch.tensor([0.0, 90.0, 180.0, 270.0])
-    toks, cams = [], []
-    for p in prompts:
-        for a in az:
-            toks.append(tokenize(p))
-            cams.append(camera_vector(torch.tensor([20.0]), a[None], torch.tensor([2.0]))[0])
+    n = n_azimuths
+    az = torch.arange(n, dtype=torch.float32) * (360.0 / n)
+    tokens = pad_tokens([tokenize(p) for p in prompts for _ in range(n)])
+    cams = camera_vector(torch.full((n * len(prompts),), 20.0), az.repeat(len(prompts)),
+                         torch.full((n * len(prompts),), 2.0))
     was_training = model.training
-    imgs = sample(model.eval(), pad_tokens(toks), torch.stack(cams), steps=steps,
-                  generator=torch.Generator().manual_seed(seed))
+    imgs = (sampler or sample)(model.eval(), tokens, cams, steps=steps, generator=torch.Generator().manual_seed(seed))
     model.train(was_training)
-    rows = [[imgs[i * 4 + j].permute(1, 2, 0).cpu().numpy() for j in range(4)] for i in range(len(prompts))]
+    rows = [[imgs[i * n + j].permute(1, 2, 0).cpu().numpy() for j in range(n)] for i in range(len(prompts))]
     return save_image(path, image_grid(rows))
