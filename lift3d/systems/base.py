@@ -95,6 +95,7 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
         self.__dict__["_pending_guidance_states"] = {}
         self.__dict__["_prompt_processor"] = None
         self.__dict__["_prompt_signature"] = None
+        self.__dict__["_prompt_stage"] = None
         self.__dict__["_prompt_utils"] = None
         self._test_frames: list[Any] = []
 
@@ -131,10 +132,10 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
     def check_training(self, datamodule: Any) -> None:
         """Everything a training run needs beyond the config's shape, checked before any folder is made:
         the data yields what the guidances read, and the prompt processor accepts the prompt (building
-        it is cheap: encoders load when embeddings are first asked for)."""
+        it is cheap: encoders load when embeddings are first asked for). The launcher checks the weights
+        before it builds the data module (:meth:`check_weights`)."""
         self.check_data(datamodule)
         self.check_optimizer_config()
-        self.check_weights()
         self.prompt_processor  # noqa: B018
 
     def check_weights(self) -> None:
@@ -280,12 +281,15 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
     def prompt_processor(self) -> Any:
         """The current stage's prompt processor, built on first use and again when a stage changes it
         (its type or settings); the last one is kept while the stages agree."""
+        if self._prompt_processor is not None and self._prompt_stage == self.stage_index:
+            return self._prompt_processor  # every step asks: the stage's spec is compared once per stage
         typ, conf, key = self.slot_spec(self.stage_index, "prompt_processor")
         sig = (typ, repr(conf))
         if self._prompt_processor is None or self._prompt_signature != sig:
             self.__dict__["_prompt_processor"] = find(typ, "prompt-processor")(conf, cfg_key=key, prov=self._prov)
             self.__dict__["_prompt_signature"] = sig
             self.__dict__["_prompt_utils"] = None
+        self.__dict__["_prompt_stage"] = self.stage_index
         return self._prompt_processor
 
     @property
