@@ -105,6 +105,12 @@ class ExperimentConfig:
     zero123_model: str = ""
     """Zero123 / Stable Zero123 weights (a diffusers-format folder, a Hugging Face id, or an original
     checkpoint file) for recipes that interpolate ``${zero123_model}``."""
+    zero123pp_model: str = ""
+    """Zero123++ weights (a folder in the published diffusers layout or a Hugging Face id) for recipes
+    that interpolate ``${zero123pp_model}``."""
+    viewdiff_weights: str = ""
+    """Trained ViewDiff layers (a safetensors file written by ``python -m lift3d.priors.viewdiff train``)
+    for recipes that interpolate ``${viewdiff_weights}``."""
     resume: Optional[str] = None
     """Checkpoint to continue from (training) or to load (validate/test/export)."""
     data_type: str = "random-camera-datamodule"

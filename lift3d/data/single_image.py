@@ -6,7 +6,9 @@ judges random other views. This datamodule yields exactly the batches of
 ``random-camera-datamodule`` for a step (same draws, stage overrides and view groups) and adds
 ``batch["ref"]``: the reference camera, built by ``make_cameras``, with the image and its mask.
 
-The image is an RGBA file (alpha is the mask) or an RGB file with a separate mask file. Like
+The image is an RGBA file (alpha is the mask) or an RGB file with a separate mask file; with
+``remove_background``, rembg (an optional extra, ``pip install lift3d[rembg]``) makes the mask of an
+RGB photo, as DreamGaussian does for an input without alpha. Like
 DreamGaussian's preprocessing it is, by default, cropped to the mask's bounding box and pasted
 centred so that the box's longer side covers ``foreground_ratio`` of the image; an input whose
 camera is known exactly (a render) should keep its pixels with ``recenter: false``. Resizing works
@@ -21,7 +23,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -56,6 +58,13 @@ class SingleImageConfig(RandomCameraConfig):
     mask_path: Optional[str] = None
     """A separate mask for ``image_path``, same size (gray; an RGB mask is averaged, an RGBA or
     gray+alpha mask gives its alpha). When set, the image's own alpha, if any, is ignored."""
+    remove_background: Union[bool, Literal["auto"]] = False
+    """Make the mask with rembg (U^2-Net salient-object segmentation; ``pip install lift3d[rembg]``)
+    instead of reading it. ``false``: never (an RGB image then needs ``mask_path``); ``auto``: only
+    when the input brings no mask (no ``mask_path``, and no alpha channel or one opaque everywhere);
+    ``true``: always, replacing the image's own alpha (with ``mask_path`` it is an error: two masks).
+    Only rembg's mask is used; the colour stays the file's. rembg fetches its model (about 170 MB)
+    into ``~/.u2net`` on first use (``U2NET_HOME`` moves it)."""
     ref_elevation_deg: float = 0.0
     """Elevation of the reference camera (Zero123 and DreamGaussian assume 0)."""
     ref_azimuth_deg: float = 0.0
@@ -127,27 +136,79 @@ def _to_unit(a: np.ndarray, key: str, path: str) -> np.ndarray:
                       "unsigned integers (or floats in [0, 1])")
 
 
-def load_image_and_mask(image_path: str, mask_path: str | None = None, key: str = "data") -> tuple[Tensor, Tensor]:
+def _rembg_mask(rgb: np.ndarray, image_path: str, key: str, why: str) -> np.ndarray:
+    """The foreground mask [H, W] in [0, 1] that rembg finds in ``rgb`` [H, W, 3] (float in [0, 1]).
+
+    ``why`` says why the mask is being made, for the error when rembg is not installed."""
+    rkey = f"{key}.remove_background"
+    try:
+        import rembg
+    except ImportError as exc:  # absent, or present without its onnxruntime
+        raise ConfigError(f"config key '{rkey}': {why}, so the background is to be removed with rembg, which does "
+                          f"not import here ({exc}): pip install lift3d[rembg] (or pip install \"rembg[cpu]\"); or "
+                          f"give the mask yourself (an RGBA image, or '{key}.mask_path') and set {rkey}: false") from None
+    pixels = np.ascontiguousarray(np.round(rgb * 255.0).astype(np.uint8))
+    try:
+        out = np.asarray(rembg.remove(pixels))
+    except Exception as exc:  # rembg's own failures (its model download, onnxruntime) vary in type
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"config key '{rkey}': rembg failed on {image_path} ({type(exc).__name__}: {reason}); "
+                          f"give the mask yourself (an RGBA image, or '{key}.mask_path') and set {rkey}: false") from None
+    h, w = rgb.shape[:2]
+    if out.ndim == 3 and out.shape[-1] in (2, 4):
+        alpha = out[..., -1]  # a cut-out: its alpha is the mask
+    elif out.ndim == 3 and out.shape[-1] == 1:
+        alpha = out[..., 0]
+    elif out.ndim == 2:
+        alpha = out  # a mask alone
+    else:
+        raise ConfigError(f"config key '{rkey}': rembg returned pixels of shape {tuple(out.shape)} for {image_path}; "
+                          "expected an RGBA cut-out or a gray mask")
+    if alpha.shape[:2] != (h, w):
+        raise ConfigError(f"config key '{rkey}': rembg returned a {alpha.shape[0]}x{alpha.shape[1]} (HxW) mask for "
+                          f"{image_path}, which is {h}x{w}")
+    return _to_unit(alpha, rkey, image_path)
+
+
+def load_image_and_mask(image_path: str, mask_path: str | None = None, key: str = "data",
+                        remove_background: bool | str = False) -> tuple[Tensor, Tensor]:
     """Read an input image and its mask.
 
     Args:
-        image_path: RGBA / gray+alpha, or RGB / gray when ``mask_path`` is given.
+        image_path: RGBA / gray+alpha, or RGB / gray when ``mask_path`` is given or the mask is made.
         mask_path: optional separate mask of the same size.
         key: config path of the datamodule's config, for error messages (``data``).
+        remove_background: make the mask with rembg: ``True`` always, ``"auto"`` when the input brings
+            none (no ``mask_path``; no alpha, or one opaque everywhere), ``False`` never.
     Returns:
         rgb [H, W, 3] float32 in [0, 1] (straight, not premultiplied), alpha [H, W] float32 in [0, 1].
     Raises:
         ConfigError naming the path and the config key, for a missing or unreadable file, a wrong
-        channel count, mismatched sizes, or a mask with no foreground.
+        channel count, mismatched sizes, a mask with no foreground, or a mask to make without rembg.
     """
-    ikey, mkey = f"{key}.image_path", f"{key}.mask_path"
+    ikey, mkey, rkey = f"{key}.image_path", f"{key}.mask_path", f"{key}.remove_background"
+    if not (isinstance(remove_background, bool) or remove_background == "auto"):
+        raise ConfigError(f"config key '{rkey}': {remove_background!r} is not one of false, true, auto")
+    if remove_background is True and mask_path is not None:
+        raise ConfigError(f"config key '{rkey}' is true, which makes the mask with rembg, but '{mkey}' gives one "
+                          f"({mask_path}); keep one of them (remove_background: auto uses the file's mask)")
     valid = _VALID_IMAGE.format(key=key)
     img = _to_unit(_read_image(image_path, ikey, valid), ikey, image_path)
     c = img.shape[-1]
     if c not in (1, 2, 3, 4):
         raise ConfigError(f"config key '{ikey}': {image_path} has {c} channels; expected {valid}")
     rgb = img[..., :3] if c >= 3 else np.repeat(img[..., :1], 3, axis=-1)
-    if mask_path is not None:
+    has_alpha = c in (2, 4)
+    # An alpha channel opaque everywhere (a photo saved as RGBA) carries no mask.
+    opaque = has_alpha and bool((img[..., -1] >= 1.0 - FOREGROUND_EPS).all())
+    made_by_rembg = remove_background is True or (
+        remove_background == "auto" and mask_path is None and (not has_alpha or opaque))
+    if made_by_rembg:
+        why = (f"it is true for {image_path}" if remove_background is True else
+               f"it is auto and {image_path} has " + ("an alpha channel opaque everywhere" if has_alpha else
+                                                      f"{c} channels and no alpha") + f" and '{mkey}' is not set")
+        alpha = _rembg_mask(rgb, image_path, key, why)
+    elif mask_path is not None:
         m = _to_unit(_read_image(mask_path, mkey, _VALID_MASK), mkey, mask_path)
         mc = m.shape[-1]
         if mc == 1:
@@ -167,8 +228,12 @@ def load_image_and_mask(image_path: str, mask_path: str | None = None, key: str 
         source = f"the alpha channel of {image_path}"
     else:
         raise ConfigError(f"config key '{ikey}': {image_path} has {c} channels and no alpha, and '{mkey}' is not "
-                          f"set, so there is no mask; expected {valid}")
+                          f"set, so there is no mask; expected {valid}; or set {rkey}: auto to make the mask with "
+                          "rembg (pip install lift3d[rembg])")
     if not (alpha > FOREGROUND_EPS).any():
+        if made_by_rembg:
+            raise ConfigError(f"config key '{rkey}': rembg found no object in {image_path} (its mask is empty); "
+                              f"give the mask yourself (an RGBA image, or '{mkey}') and set {rkey}: false")
         raise ConfigError(f"config key '{mkey if mask_path is not None else ikey}': {source} is empty (no pixel "
                           f"above {FOREGROUND_EPS:.4f}), so there is no object to fit; expected the object opaque "
                           "(alpha or mask near 1) on a transparent (0) background")
@@ -285,9 +350,9 @@ class SingleImageDataModule(RandomCameraDataModule):
         self._source(cfg, key)
 
     def _source(self, cfg: SingleImageConfig, key: str) -> tuple[Tensor, Tensor]:
-        k = (cfg.image_path, cfg.mask_path)
-        if k not in self._sources:
-            self._sources[k] = load_image_and_mask(cfg.image_path, cfg.mask_path, key)
+        k = (cfg.image_path, cfg.mask_path, cfg.remove_background)
+        if k not in self._sources:  # rembg, when asked, runs once per image
+            self._sources[k] = load_image_and_mask(cfg.image_path, cfg.mask_path, key, cfg.remove_background)
         return self._sources[k]
 
     def ref_size(self, step: int) -> tuple[int, int]:
@@ -303,7 +368,7 @@ class SingleImageDataModule(RandomCameraDataModule):
         h, w = self.ref_size(step)
         camera = (cfg.ref_elevation_deg, cfg.ref_azimuth_deg, cfg.ref_camera_distance, cfg.ref_fovy_deg)
         prep = (cfg.recenter, cfg.foreground_ratio, tuple(cfg.background_color))
-        k = (cfg.image_path, cfg.mask_path, prep, camera, h, w)
+        k = (cfg.image_path, cfg.mask_path, cfg.remove_background, prep, camera, h, w)
         if k not in self._refs:
             rgb, alpha = self._source(cfg, self.cfg_key)
             if not cfg.recenter:

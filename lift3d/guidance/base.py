@@ -182,4 +182,19 @@ class BaseGuidance(BaseModule):
         raise NotImplementedError
 
 
-__all__ = ["BaseGuidance", "CameraBatch", "GuidanceInput", "GuidanceOutput", "CAPABILITIES"]
+
+def check_view_groups(name: str, key: str, n_views: int, inp: "GuidanceInput") -> None:
+    """A ValueError, naming the data keys to set, unless ``inp`` holds whole groups of ``n_views`` views
+    sampled as groups by the data module (what a multi-view prior ``name``, configured at ``key``, scores)."""
+    f, B = n_views, inp.batch_size
+    if B % f:
+        raise ValueError(
+            f"{name} scores views in groups of n_views={f} ({key}.n_views), but the batch has {B} views, "
+            f"which is not a multiple of {f}: set data.batch_size to {f}, {2 * f}, ... and data.n_views: {f}")
+    if inp.cameras.n_views != f:
+        raise ValueError(
+            f"{name} scores groups of {f} views of one object, but the data module samples groups of "
+            f"n_views={inp.cameras.n_views}: set data.n_views: {f} (each group then shares elevation, distance "
+            f"and field of view, its azimuths {360 // f} degrees apart), or {key}.n_views: {inp.cameras.n_views}")
+
+__all__ = ["BaseGuidance", "CameraBatch", "GuidanceInput", "GuidanceOutput", "CAPABILITIES", "check_view_groups"]

@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from lift3d.config import ConfigError, Scheduled
-from lift3d.guidance.base import GuidanceInput, GuidanceOutput
+from lift3d.guidance.base import GuidanceInput, GuidanceOutput, check_view_groups
 from lift3d.guidance.latent_diffusion import LatentDiffusionPrior, LatentDiffusionWeights, weights_dtype
 from lift3d.priors.mvdream.cameras import mvdream_camera
 from lift3d.priors.mvdream.checkpoint import (
@@ -184,16 +184,7 @@ class MVDreamGuidance(LatentDiffusionWeights, SDSGuidance):
 
     def check_views(self, inp: GuidanceInput) -> None:
         """The batch must be whole view groups of ``n_views``, sampled as groups by the data module."""
-        f, B, key = self.cfg.n_views, inp.batch_size, self._cfg_key
-        if B % f:
-            raise ValueError(
-                f"{self.name()} scores views in groups of n_views={f} ({key}.n_views), but the batch has {B} views, "
-                f"which is not a multiple of {f}: set data.batch_size to {f}, {2 * f}, ... and data.n_views: {f}")
-        if inp.cameras.n_views != f:
-            raise ValueError(
-                f"{self.name()} scores groups of {f} views of one object, but the data module samples groups of "
-                f"n_views={inp.cameras.n_views}: set data.n_views: {f} (each group then shares elevation, distance "
-                f"and field of view, its azimuths {360 // f} degrees apart)")
+        check_view_groups(self.name(), self._cfg_key, self.cfg.n_views, inp)
 
     def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
         c = self.cfg

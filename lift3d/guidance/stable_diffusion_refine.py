@@ -36,25 +36,12 @@ from lift3d.guidance.stable_diffusion import StableDiffusionWeights, _StableDiff
 from lift3d.registry import register
 
 
-@register("stable-diffusion-refine-guidance")
-class StableDiffusionRefineGuidance(_StableDiffusionPrior, RefineGuidance):
-    """MSE to Stable Diffusion's multi-step denoised render; returns ``loss_refine``.
+class LatentRefineGuidance(RefineGuidance):
+    """The refinement loop of a prior that denoises in a VAE latent space (Stable Diffusion, Zero123):
+    no clip of the clean estimate between DDIM steps; the target is decoded and compared with the render.
 
     Diagnostics: ``denoised`` [B, H, W, 3], the target at the render's size, and ``t_start``.
     """
-
-    @dataclass
-    class Config(RefineGuidance.Config, StableDiffusionWeights):
-        guidance_scale: Scheduled = 100.0
-        """Classifier-free guidance scale of the denoising steps, ``e_u + s (e_c - e_u)`` on the
-        model's output (DreamGaussian's refine uses 100 in the same form)."""
-        strength: Scheduled = 0.2
-        """How far each render is noised, as a fraction of the timesteps (0: the target is the
-        render). DreamGaussian's text recipe goes from about 0.18 to 0.04 over its texture stage."""
-        n_steps: int = 10
-        """DDIM steps from the noised render back to a clean latent (capped at the starting timestep)."""
-
-    cfg: Config
 
     def configure(self) -> None:
         if self.cfg.image == "latents":
@@ -103,4 +90,22 @@ class StableDiffusionRefineGuidance(_StableDiffusionPrior, RefineGuidance):
         return GuidanceOutput(losses={"loss_refine": F.mse_loss(img, target)}, diagnostics=diagnostics)
 
 
-__all__ = ["StableDiffusionRefineGuidance"]
+@register("stable-diffusion-refine-guidance")
+class StableDiffusionRefineGuidance(_StableDiffusionPrior, LatentRefineGuidance):
+    """MSE to Stable Diffusion's multi-step denoised render; returns ``loss_refine``."""
+
+    @dataclass
+    class Config(RefineGuidance.Config, StableDiffusionWeights):
+        guidance_scale: Scheduled = 100.0
+        """Classifier-free guidance scale of the denoising steps, ``e_u + s (e_c - e_u)`` on the
+        model's output (DreamGaussian's refine uses 100 in the same form)."""
+        strength: Scheduled = 0.2
+        """How far each render is noised, as a fraction of the timesteps (0: the target is the
+        render). DreamGaussian's text recipe goes from about 0.18 to 0.04 over its texture stage."""
+        n_steps: int = 10
+        """DDIM steps from the noised render back to a clean latent (capped at the starting timestep)."""
+
+    cfg: Config
+
+
+__all__ = ["LatentRefineGuidance", "StableDiffusionRefineGuidance"]

@@ -49,7 +49,8 @@ from torch import Tensor
 from lift3d.config import ConfigError, Scheduled
 from lift3d.guidance.base import CameraBatch, GuidanceInput, GuidanceOutput
 from lift3d.guidance.latent_diffusion import LatentDiffusionPrior, LatentDiffusionWeights, weights_dtype
-from lift3d.guidance.score_distillation import Cond, Conditioning, SDSGuidance
+from lift3d.guidance.score_distillation import Cond, Conditioning, RefineGuidance, SDSGuidance
+from lift3d.guidance.stable_diffusion_refine import LatentRefineGuidance
 from lift3d.registry import register
 
 #: Zero123-XL in the diffusers layout: what ``zero123-guidance`` loads unless told otherwise.
@@ -331,30 +332,16 @@ def load_diffusers_folder(folder: Path, key: str) -> dict[str, Any]:
             "clip_mean": mean, "clip_std": std, "prediction_type": scheduler.config.prediction_type}
 
 
-class _Zero123Base(LatentDiffusionWeights, SDSGuidance):
-    """What the Zero123 guidances share: the weights, the adapter, SDS with its own forward."""
+class _Zero123Loading:
+    """Finding and loading Zero123 weights (``cfg``: :class:`Zero123Weights` keys): what every guidance on
+    them shares, SDS and refine alike."""
 
     prior_family = "zero123"
     prior_inputs = frozenset({"cond_image"})
     #: The camera numbers the network reads (see :func:`camera_vector`).
     camera_mode: CameraMode = "relative"
-
-    @dataclass
-    class Config(SDSGuidance.Config, Zero123Weights):
-        guidance_scale: Scheduled = 3.0
-        """Classifier-free guidance scale ``s``: the guided noise is ``e_u + s (e_c - e_u)``, ``e_c`` the
-        prediction given the input image and camera, ``e_u`` the one given zeros for both. That is the
-        formula of threestudio's Zero123 guidances (and of the original sampler), so their numbers carry
-        over unchanged (threestudio's recipes: 3; unlike its stable-diffusion-guidance, no +1)."""
-        image: Literal["rgb", "normal"] = "rgb"
-        """What is scored: the render, or its normal map (both VAE-encoded)."""
-        return_denoised: bool = False
-        """Decode the one-step clean estimate into the diagnostics as ``denoised`` [B, h, w, 3] (a VAE
-        decode per step)."""
-
-    cfg: Config
-
-    # -- weights ---------------------------------------------------------------------------------
+    cfg: Any
+    _cfg_key: str
 
     @classmethod
     def resolve(cls, cfg: Any, key: str = "system.guidance") -> Path:
@@ -421,6 +408,25 @@ class _Zero123Base(LatentDiffusionWeights, SDSGuidance):
         prior.set_dtype(weights_dtype(c.torch_dtype, c.half_precision_weights, on_cuda=False))
         return prior
 
+
+class _Zero123Base(_Zero123Loading, LatentDiffusionWeights, SDSGuidance):
+    """What the Zero123 SDS guidances share: the weights, the adapter, SDS with its own forward."""
+
+    @dataclass
+    class Config(SDSGuidance.Config, Zero123Weights):
+        guidance_scale: Scheduled = 3.0
+        """Classifier-free guidance scale ``s``: the guided noise is ``e_u + s (e_c - e_u)``, ``e_c`` the
+        prediction given the input image and camera, ``e_u`` the one given zeros for both. That is the
+        formula of threestudio's Zero123 guidances (and of the original sampler), so their numbers carry
+        over unchanged (threestudio's recipes: 3; unlike its stable-diffusion-guidance, no +1)."""
+        image: Literal["rgb", "normal"] = "rgb"
+        """What is scored: the render, or its normal map (both VAE-encoded)."""
+        return_denoised: bool = False
+        """Decode the one-step clean estimate into the diagnostics as ``denoised`` [B, h, w, 3] (a VAE
+        decode per step)."""
+
+    cfg: Config
+
     # -- scoring ---------------------------------------------------------------------------------
 
     def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
@@ -459,3 +465,44 @@ class StableZero123Guidance(_Zero123Base):
 
 __all__ = ["Zero123Prior", "Zero123Guidance", "StableZero123Guidance", "Zero123Weights", "camera_vector",
            "load_diffusers_folder", "DEFAULT_ZERO123_MODEL", "DEFAULT_STABLE_ZERO123_MODEL"]
+
+
+# ---------------------------------------------------------------------------------------------
+# DreamGaussian's texture refinement with Zero123
+
+
+@register("zero123-refine-guidance")
+class Zero123RefineGuidance(_Zero123Loading, LatentDiffusionWeights, LatentRefineGuidance):
+    """MSE to Zero123's multi-step denoised render (DreamGaussian's image-to-3D texture stage); returns
+    ``loss_refine``.
+
+    Each render is encoded, noised to ``strength`` of the schedule, walked back in ``n_steps`` DDIM
+    steps under classifier-free guidance given the input image and the camera change, decoded, and the
+    render is fitted to that target: the latent-space refine loop that Stable Diffusion's refine uses
+    (:class:`~lift3d.guidance.stable_diffusion_refine.LatentRefineGuidance`), on weights found and loaded
+    as ``zero123-guidance`` loads them (same keys).
+    """
+
+    @dataclass
+    class Config(RefineGuidance.Config, Zero123Weights):
+        guidance_scale: Scheduled = 5.0
+        """Classifier-free guidance scale of the denoising steps, ``e_u + s (e_c - e_u)`` (DreamGaussian's
+        Zero123 refinement uses 5 in this form)."""
+        strength: Scheduled = 0.2
+        """How far each render is noised, as a fraction of the timesteps (0: the target is the render).
+        DreamGaussian's image recipe goes from about 0.18 to 0.04 over its texture stage."""
+        n_steps: int = 10
+        """DDIM steps from the noised render back to a clean latent (capped at the starting timestep)."""
+        camera: CameraMode = "relative"
+        """The camera numbers the network reads: ``relative`` for Zero-1-to-3 and Zero123-XL, ``stable``
+        for Stable Zero123 weights (see :func:`camera_vector`)."""
+
+    cfg: Config
+
+    @property
+    def camera_mode(self) -> CameraMode:  # type: ignore[override]
+        """Read by ``build_prior``: this guidance's ``camera`` setting."""
+        return self.cfg.camera
+
+
+__all__ += ["Zero123RefineGuidance"]

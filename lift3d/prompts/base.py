@@ -414,6 +414,13 @@ class BasePromptProcessor(BaseObject):
             self._utils = self._build()
         return self._utils
 
+    def check_prompt(self) -> None:
+        """A ConfigError naming the key when a processor that encodes text is given an empty prompt
+        (unless ``allow_empty_prompt``); cheap, so the launcher calls it before any folder is made."""
+        if self.has_encoder and not self.cfg.prompt.strip() and not self.cfg.allow_empty_prompt:
+            raise ConfigError(f"{self.name} needs a prompt, but config key {self.key('prompt')} is empty; "
+                              'set prompt="..." on the command line (or allow_empty_prompt: true)')
+
     def _build(self) -> PromptUtils:
         cfg = self.cfg
         vd = cfg.view_dependent_prompting
@@ -427,9 +434,7 @@ class BasePromptProcessor(BaseObject):
         )
         if not self.has_encoder:
             return PromptUtils(**common)
-        if not cfg.prompt.strip() and not cfg.allow_empty_prompt:
-            raise ConfigError(f"{self.name} needs a prompt, but config key {self.key('prompt')} is empty; "
-                              'set prompt="..." on the command line (or allow_empty_prompt: true)')
+        self.check_prompt()
         table = self.embed([cfg.prompt, cfg.negative_prompt, *prompts_vd, *negatives_vd])
         return PromptUtils(
             **common,

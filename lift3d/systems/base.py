@@ -136,7 +136,9 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
         before it builds the data module (:meth:`check_weights`)."""
         self.check_data(datamodule)
         self.check_optimizer_config()
-        self.prompt_processor  # noqa: B018
+        check = getattr(self.prompt_processor, "check_prompt", None)
+        if callable(check):
+            check()
 
     def check_weights(self) -> None:
         """Every guidance (each stage's) and the prompt processor find their pretrained weights on this

@@ -38,6 +38,12 @@ TINY_PRIORS = {
     "zero123": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_zero123.py"))["smoke_overrides"](tmp),
     "toyworld-mv": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_toyworld_mv.py"))["smoke_overrides"](tmp),
     "mvdream": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_mvdream.py"))["smoke_overrides"](tmp),
+    "zero123pp": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_zero123pp.py"))["smoke_overrides"](tmp),
+    "viewdiff": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_viewdiff.py"))["smoke_overrides"](tmp),
+    "toyworld-zero123": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_toyworld_zero123.py"))[
+        "smoke_overrides"](tmp),
+    "toyworld-viewdiff": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_toyworld_viewdiff.py"))[
+        "smoke_overrides"](tmp),
 }
 
 #: ``${sd_model}``: a guidance setting taken from a top-level key of the recipe.
@@ -109,6 +115,7 @@ def test_two_step_smoke_run(config, tmp_path):
                    "n_val_views": 1, "n_test_views": 2, "batch_size": raw.get("data", {}).get("n_views", 1)}
     raw.setdefault("system", {}).setdefault("exporter", {})["texture_size"] = 64
     raw["exp_root_dir"] = str(tmp_path / "out")
+    raw["prompt"] = raw.get("prompt") or "a red cube"  # recipes that take the prompt from the command line
     _input_image_if_needed(raw, tmp_path)
     small = tmp_path / config.name
     small.write_text(yaml.safe_dump(raw))

@@ -218,6 +218,14 @@ def test_dry_run_checks_everything_and_writes_nothing(tmp_path, tiny_recipe, cap
         run(["--config", str(tiny_recipe), "--train", f"exp_root_dir={out}", "--dry-run", "trainer.precision=x"])
 
 
+def test_an_empty_prompt_is_refused_before_any_folder_is_made(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"system\.prompt_processor\.prompt is empty"):
+        run(["--config", str(REPO / "configs/tiny/dreamfusion.yaml"), "--train", "prompt=", f"exp_root_dir={out}",
+             "--dry-run"])
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ faults while running
 
 

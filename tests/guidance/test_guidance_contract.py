@@ -22,6 +22,10 @@ from tiny_sd import tiny_sd  # noqa: F401
 from tiny_toyworld_mv import toyworld_mv_weights  # noqa: F401
 from tiny_zero123 import tiny_zero123  # noqa: F401
 from tiny_mvdream import tiny_mvdream  # noqa: F401
+from tiny_toyworld_zero123 import toyworld_zero123_weights  # noqa: F401
+from tiny_toyworld_viewdiff import toyworld_viewdiff_weights  # noqa: F401
+from tiny_viewdiff import tiny_viewdiff  # noqa: F401
+from tiny_zero123pp import views_folder_for
 
 RES = 16  # renders and the tiny prior's resolution
 
@@ -40,17 +44,30 @@ class Case:
 
 #: The fixture that makes each family's tiny model, and the prompt processor its guidances read.
 FAMILY_WEIGHTS = {"toyworld": "toyworld_weights", "stable-diffusion": "tiny_sd", "deepfloyd": "tiny_if",
-                  "mvdream": "tiny_mvdream", "zero123": "tiny_zero123", "toyworld-mv": "toyworld_mv_weights"}
+                  "mvdream": "tiny_mvdream", "zero123": "tiny_zero123", "toyworld-mv": "toyworld_mv_weights",
+                  "toyworld-zero123": "toyworld_zero123_weights", "viewdiff": "tiny_viewdiff",
+                  "zero123pp": "zero123pp_views", "toyworld-viewdiff": "toyworld_viewdiff_weights"}
 FAMILY_PROMPTS = {
     "toyworld": lambda prompt, w: find("toyworld-prompt-processor")({"prompt": prompt})(),
     "stable-diffusion": lambda prompt, w: find("stable-diffusion-prompt-processor")(
         {"prompt": prompt, "pretrained_model_name_or_path": str(w), "use_cache": False})(),
     "deepfloyd": lambda prompt, w: tiny_if_prompt_utils(prompt, w),
     "zero123": lambda prompt, w: None,  # Zero123 reads the input image, not text
+    "toyworld-zero123": lambda prompt, w: None,
+    "viewdiff": lambda prompt, w: find("stable-diffusion-prompt-processor")(
+        {"prompt": prompt, "pretrained_model_name_or_path": str(w[0]), "use_cache": False})(),
+    "zero123pp": lambda prompt, w: None,  # fits generated views: no text
     "toyworld-mv": lambda prompt, w: find("toyworld-prompt-processor")({"prompt": prompt})(),
+    "toyworld-viewdiff": lambda prompt, w: find("toyworld-prompt-processor")({"prompt": prompt})(),
     "mvdream": lambda prompt, w: find("mvdream-prompt-processor")(
         {"prompt": prompt, "pretrained_model_name_or_path": str(w), "use_cache": False})(),
 }
+
+
+@pytest.fixture
+def zero123pp_views(tmp_path):
+    """A views folder (what Zero123++ writes) holding a view for each camera of the suite's inputs."""
+    return views_folder_for([make_input(None, groups=g).cameras for g in (1, 2)], tmp_path / "views")
 
 
 @pytest.fixture
@@ -92,9 +109,20 @@ CASES = {
                                                "original_architecture": str(w), "guidance_scale": 3.0,
                                                "half_precision_weights": False},
                                     noise_shape=(4, 8, 8), family="zero123"),
+    "zero123-refine-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "strength": 0.4,
+                                               "n_steps": 2, "half_precision_weights": False},
+                                    noise_shape=(4, 8, 8), family="zero123"),
+    "toyworld-zero123-guidance": Case(lambda w: {"pretrained": str(w), "guidance_scale": 3.0},
+                                      family="toyworld-zero123"),
+    "viewdiff-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w[0]), "weights": str(w[1]),
+                                         "n_views": 2, "guidance_scale": 7.5, "half_precision_weights": False},
+                              noise_shape=(4, 8, 8), family="viewdiff"),
+    "multiview-images-guidance": Case(lambda w: {"views_dir": str(w)}, noise_shape=None, family="zero123pp"),
     # The suite's inputs are groups of 2 views: both multi-view networks take any group size (trained on 4).
     "toyworld-mv-guidance": Case(lambda w: {"pretrained": str(w), "n_views": 2, "guidance_scale": 5.0},
                                  family="toyworld-mv"),
+    "toyworld-viewdiff-guidance": Case(lambda w: {"pretrained": str(w), "n_views": 2, "guidance_scale": 5.0},
+                                       family="toyworld-viewdiff"),
     "mvdream-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "image_size": 16, "n_views": 2,
                                         "guidance_scale": 7.5, "half_precision_weights": False},
                              noise_shape=(4, 8, 8), family="mvdream"),

@@ -1,5 +1,8 @@
-"""``python -m lift3d.priors.toyworld {train,sample,eval,render-image,train-mv,eval-mv}``: the toy-world prior's
-command line (``train-mv`` / ``eval-mv``: the multi-view prior, :mod:`lift3d.priors.toyworld.multiview`)."""
+"""``python -m lift3d.priors.toyworld {train,sample,eval,render-image,train-mv,eval-mv,train-zero123,eval-zero123,
+train-viewdiff}``: the toy-world prior's command line (``train-mv`` / ``eval-mv``: the multi-view prior,
+:mod:`lift3d.priors.toyworld.multiview`; ``train-zero123`` / ``eval-zero123``: the image-conditioned
+one, :mod:`lift3d.priors.toyworld.zero123`; ``train-viewdiff``: the toy ViewDiff,
+:mod:`lift3d.priors.toyworld.viewdiff`)."""
 
 from __future__ import annotations
 
@@ -91,6 +94,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="also sample the same cameras view by view with this single-view file ('shipped': the "
                          "packaged weights)")
     _sampling_options(em, 4, "groups per prompt", "outputs/toyworld-eval-mv.png")
+    _training_parser(sub, "train-zero123", "fine-tune (or resume) the image-conditioned prior (the toy Zero123) "
+                     "from the shipped single-view weights: the packaged recipe-zero123.yaml with key=value "
+                     "overrides on top", "threads=2 steps=2000 out_dir=outputs/toyworld-prior-zero123", "packaged",
+                     "'packaged' (recipe-zero123.yaml beside the model card), a YAML file of train-zero123 keys, "
+                     "or 'none': the train-zero123 defaults with the overrides alone",
+                     "copy the final weights to weights/toyworld-zero123.safetensors (only when the run is complete)")
+    ez = sub.add_parser("eval-zero123", help="sample novel views from one input view of each object and score them "
+                        "against exact renders; prints a table")
+    ez.add_argument("--weights", default=None, help="toy Zero123 safetensors file (default: weights/toyworld-zero123)")
+    ez.add_argument("--input-camera", default="10,30", help="elevation,azimuth of the input view (degrees)")
+    _sampling_options(ez, 8, "novel views per object", "outputs/toyworld-eval-zero123.png")
+    _training_parser(sub, "train-viewdiff", "fine-tune (or resume) the toy ViewDiff (cross-frame LoRA and a projection "
+                     "layer added to the shipped single-view prior): the packaged recipe-viewdiff.yaml with key=value "
+                     "overrides on top", "threads=2 steps=3000 out_dir=outputs/toyworld-prior-viewdiff", "packaged",
+                     "'packaged' (recipe-viewdiff.yaml beside the model card), a YAML file of train-viewdiff keys, "
+                     "or 'none': the train-viewdiff defaults with the overrides alone",
+                     "copy the final weights to weights/toyworld-viewdiff.safetensors (only when the run is complete)")
     args = p.parse_args(argv)
 
     if args.cmd == "render-image":
@@ -113,6 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd in ("train-mv", "eval-mv"):
             return _multiview(args)
+        if args.cmd in ("train-zero123", "eval-zero123"):
+            return _zero123(args)
+        if args.cmd == "train-viewdiff":
+            from lift3d.priors.toyworld import viewdiff as vd
+
+            recipe = {"packaged": None, "none": {}}.get(args.recipe, args.recipe)
+            final = vd.train_viewdiff_recipe(recipe, _overrides(args.overrides))
+            if args.install:
+                _install(final, final.name == vd.FINAL_VIEWDIFF_NAME, vd.DEFAULT_VIEWDIFF_WEIGHTS, "toyworld-viewdiff")
+            return 0
         if args.cmd == "train":
             from lift3d.priors.toyworld.model import DEFAULT_WEIGHTS
             from lift3d.priors.toyworld.recipe import is_complete, train_recipe
@@ -175,6 +205,30 @@ def _multiview(args: argparse.Namespace) -> int:
     scores = evaluate_multiview(model, args.prompts, args.n, args.steps, args.guidance_scale, args.seed, baseline,
                                 args.grid)
     print(format_group_table(scores))
+    print(f"grid: {args.grid}")
+    return 0
+
+
+def _zero123(args: argparse.Namespace) -> int:
+    """``train-zero123`` and ``eval-zero123`` (errors are reported by the caller)."""
+    from lift3d.priors.toyworld import zero123 as z
+
+    if args.cmd == "train-zero123":
+        recipe = {"packaged": None, "none": {}}.get(args.recipe, args.recipe)
+        final = z.train_zero123_recipe(recipe, _overrides(args.overrides))
+        if args.install:
+            _install(final, final.name == z.FINAL_Z123_NAME, z.DEFAULT_Z123_WEIGHTS, "toyworld-zero123")
+        return 0
+    from lift3d.priors.toyworld.evaluate import format_table
+
+    try:
+        el, az = (float(v) for v in args.input_camera.split(","))
+    except ValueError:
+        raise ValueError(f"--input-camera: expected 'elevation,azimuth' in degrees, got {args.input_camera!r}")
+    model = z.ToyZero123.load(args.weights).eval()
+    scores = z.evaluate_novel_views(model, args.prompts, args.n, (el, az), args.steps, args.guidance_scale, args.seed)
+    print(format_table(scores))
+    z.save_novel_view_grid(model, Path(args.grid), seed=args.seed, input_camera_deg=(el, az))
     print(f"grid: {args.grid}")
     return 0
 

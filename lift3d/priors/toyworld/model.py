@@ -144,13 +144,21 @@ class ToyWorldPrior(nn.Module):
         return emb
 
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor, camera: Tensor, drop_text: Tensor | None = None) -> Tensor:
-        s = self.cfg.space_to_depth
         cond = self.text_embedding(tokens, drop_text) + self.camera_mlp(self.camera_features(camera.to(x.dtype)))
+        return self.denoise(x, t, cond, camera)
+
+    def denoise(self, x: Tensor, t: Tensor, cond: Tensor, camera: Tensor, extra: Tensor | None = None) -> Tensor:
+        """The UNet on ``x`` [B, 3, H, W] given the summed conditioning ``cond`` [B, D]; the camera gives
+        the ray map (with ``ray_conditioning``); ``extra`` [B, C, H, W]: more input channels after them
+        (the image-conditioned twin's input view)."""
+        s = self.cfg.space_to_depth
         if self.cfg.ray_conditioning:
             from lift3d.priors.toyworld.data import ray_map
 
             rays = ray_map(camera, self.cfg.resolution, self.cfg.ray_fovy).to(x)
             x = torch.cat([x, rays], dim=1)
+        if extra is not None:
+            x = torch.cat([x, extra.to(x)], dim=1)
         h = F.pixel_unshuffle(x, s) if s > 1 else x
         out = self.unet(h, t, class_labels=cond).sample
         return F.pixel_shuffle(out, s) if s > 1 else out

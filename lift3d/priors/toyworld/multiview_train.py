@@ -43,15 +43,16 @@ _SHUFFLE_TAG = 0x6D77
 
 
 @dataclass
-class MultiViewTrainConfig:
+class GroupFineTuneConfig:
+    """What every fine-tune of the shipped prior on groups of renders shares (the multi-view twins',
+    the image-conditioned twin's): the schedule, the data's size and focus, checkpoints, the start."""
+
     seed: int = 0
     """Seed of the data, the batch order and every step's noise."""
     steps: int = 3000
     """Optimizer steps (the cosine learning-rate decay spans them)."""
     groups_per_batch: int = 8
-    """View groups per step (a step sees groups_per_batch * n_views images)."""
-    n_views: int = 4
-    """Views per group (MVDream: 4, 90 degrees apart)."""
+    """Groups per step."""
     lr: float = 1e-4
     """Peak learning rate (AdamW), after a linear warm-up, cosine-decayed to 10%."""
     warmup_steps: int = 100
@@ -60,8 +61,6 @@ class MultiViewTrainConfig:
     """AdamW weight decay."""
     ema_decay: float = 0.998
     """Decay of the exponential moving average whose weights are saved."""
-    min_snr_gamma: Optional[float] = None
-    """Min-SNR loss weighting; null (as the shipped prior's last stages) for the plain v-prediction MSE."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     num_groups: int = 4000
@@ -73,7 +72,7 @@ class MultiViewTrainConfig:
     ckpt_every: int = 200
     """Steps between checkpoints."""
     sample_every: int = 0
-    """Steps between grids of jointly sampled groups (0: never)."""
+    """Steps between grids of samples (0: never)."""
     log_every: int = 50
     """Steps between lines of train_log.csv."""
     threads: Optional[int] = None
@@ -81,8 +80,8 @@ class MultiViewTrainConfig:
     stop_after: Optional[int] = None
     """Stop this invocation after so many steps (checkpointing there); run again to continue."""
     init_from: Optional[str] = "shipped"
-    """Weights to start from: a single-view toy-world file ("shipped": the packaged one) or a multi-view
-    one; the architecture is the file's. null: a random model built from ``model``."""
+    """Weights to start from: a single-view toy-world file ("shipped": the packaged one) or a file of the
+    twin being trained; the architecture is the file's. null: a random model built from ``model``."""
     model: dict[str, Any] = field(default_factory=dict)
     """ToyPriorConfig of a random start (only with init_from: null)."""
     focus_prompts: list[str] = field(default_factory=list)
@@ -93,11 +92,26 @@ class MultiViewTrainConfig:
     feature_weight: float = 0.0
     """Extra loss weight on the pixels where the object or its Janus twin shows its front feature
     (as the single-view training's feature_weight)."""
-    shared_light: bool = False
-    """One light per group instead of one per view."""
     autocast: Optional[str] = None
     """"bf16": the network's forward pass under bfloat16 autocast (loss, optimizer and EMA stay
     float32); faster only on CPUs with AMX or AVX512-BF16. null: float32."""
+
+
+def check_counts(cfg: Any, key: str, names: tuple[str, ...]) -> None:
+    """A ConfigError naming ``key.name`` for the first of ``names`` below 1."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+@dataclass
+class MultiViewTrainConfig(GroupFineTuneConfig):
+    n_views: int = 4
+    """Views per group (MVDream: 4, 90 degrees apart); a step sees groups_per_batch * n_views images."""
+    min_snr_gamma: Optional[float] = None
+    """Min-SNR loss weighting; null (as the shipped prior's last stages) for the plain v-prediction MSE."""
+    shared_light: bool = False
+    """One light per group instead of one per view."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +214,16 @@ class MultiViewDataset:
     def _settings(self) -> dict[str, Any]:
         return {"focus": self.focus, "focus_fraction": self.focus_fraction, "shared_light": self.shared_light}
 
+    def group_params(self, groups: range) -> dict[str, Tensor]:
+        """The random choices of groups ``groups`` (:func:`sample_group_params`); a data set of another
+        layout (the image-conditioned twin's pairs) overrides this and :meth:`cache_path`."""
+        return sample_group_params(self.seed, groups, self.n_views, self.focus, self.focus_fraction, self.shared_light)
+
+    def cache_path(self) -> Path:
+        """The .npz file the rendered groups are cached in (under ``cache_dir``)."""
+        return group_cache_path(self.cache_dir, self.seed, self.num_groups, self.n_views, self.resolution,
+                                self._settings())
+
     def data(self) -> dict[str, Tensor]:
         """Every view of every group: the params and uint8 image / mask (and feature_region)."""
         if self._data is not None:
@@ -208,14 +232,12 @@ class MultiViewDataset:
 
         path = None
         if self.cache_dir is not None:
-            path = group_cache_path(self.cache_dir, self.seed, self.num_groups, self.n_views, self.resolution,
-                                    self._settings())
+            path = self.cache_path()
 
         def compute() -> dict[str, Tensor]:
             parts = []
             for start in range(0, self.num_groups, self.chunk):
-                params = sample_group_params(self.seed, range(start, min(start + self.chunk, self.num_groups)),
-                                             self.n_views, self.focus, self.focus_fraction, self.shared_light)
+                params = self.group_params(range(start, min(start + self.chunk, self.num_groups)))
                 parts.append({**params, **tw.render_params(params, self.resolution)})
             return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -280,14 +302,21 @@ def train_multiview(cfg: MultiViewTrainConfig | dict, progress: bool = True) -> 
 
     The loop is the single-view training's (:func:`lift3d.priors.toyworld.train.fit`); what differs is
     the model, the data (whole groups) and the loss (:func:`multiview_loss`)."""
-    from lift3d.priors.toyworld.train import _step_generator, epoch_batch, fit, start_run
-
     cfg = parse_structured(MultiViewTrainConfig, cfg, key="train-mv")
-    for name in ("steps", "groups_per_batch", "n_views", "num_groups", "ckpt_every", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"train-mv.{name} must be >= 1, got {getattr(cfg, name)}")
+    check_counts(cfg, "train-mv", ("steps", "groups_per_batch", "n_views", "num_groups", "ckpt_every", "log_every"))
+    from lift3d.priors.toyworld.train import start_run
+
     start_run(cfg, progress)
-    model = initial_model(cfg)
+    return fit_groups(cfg, initial_model(cfg), FINAL_MV_NAME, "toyworld multi-view prior",
+                      {"init_from": str(cfg.init_from)}, progress)
+
+
+def fit_groups(cfg: MultiViewTrainConfig, model: MultiViewToyPrior, final_name: str, desc: str,
+               extra_metadata: dict[str, str], progress: bool = True) -> Path:
+    """A multi-view twin's fine-tune once ``cfg`` is parsed and ``model`` built: the groups of
+    :class:`MultiViewDataset`, :func:`multiview_loss`, the single-view training's loop; the weights
+    are written as ``final_name`` when every step is done."""
+    from lift3d.priors.toyworld.train import _step_generator, epoch_batch, fit
 
     def batches() -> Callable[[int], dict[str, Tensor]]:
         cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lift3d", "toyworld")
@@ -301,9 +330,8 @@ def train_multiview(cfg: MultiViewTrainConfig | dict, progress: bool = True) -> 
         return multiview_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.n_views,
                               cfg.min_snr_gamma, cfg.feature_weight, cfg.autocast)
 
-    return fit(cfg, model, batches, loss_at, save_group_grid, name=FINAL_MV_NAME.removesuffix(".safetensors"),
-               desc="toyworld multi-view prior", extra_metadata={"init_from": str(cfg.init_from)},
-               progress=progress)
+    return fit(cfg, model, batches, loss_at, save_group_grid, name=final_name.removesuffix(".safetensors"),
+               desc=desc, extra_metadata=extra_metadata, progress=progress)
 
 
 def save_group_grid(model: MultiViewToyPrior, path: Path, seed: int = 0, steps: int = 25,
@@ -339,6 +367,6 @@ def train_multiview_recipe(recipe: str | Path | dict | None = None, overrides: d
     return train_multiview(cfg, progress=progress)
 
 
-__all__ = ["MultiViewTrainConfig", "MultiViewDataset", "sample_group_params", "group_azimuths", "multiview_loss",
+__all__ = ["GroupFineTuneConfig", "check_counts", "fit_groups", "MultiViewTrainConfig", "MultiViewDataset", "sample_group_params", "group_azimuths", "multiview_loss",
            "initial_model", "train_multiview", "train_multiview_recipe", "load_mv_recipe", "save_group_grid",
            "FINAL_MV_NAME", "PACKAGED_MV_RECIPE"]

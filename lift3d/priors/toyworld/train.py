@@ -342,7 +342,11 @@ def fit(cfg: Any, model: ToyWorldPrior, batches: Callable[[], Callable[[int], di
     """
     out = Path(cfg.out_dir)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # A model may ask for some of its parameters to learn faster (``lr_groups``: the image-conditioned
+    # twin's new layers, which start at zero); every group follows the same schedule, scaled.
+    groups = model.lr_groups(cfg) if hasattr(model, "lr_groups") else [{"params": list(model.parameters())}]
+    opt = torch.optim.AdamW([{**g, "lr_scale": g.get("lr_scale", 1.0)} for g in groups], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     sched = make_scheduler(model.cfg, "ddpm")
     step = 0
     ckpt_path = out / "ckpt.pt"
@@ -368,7 +372,7 @@ def fit(cfg: Any, model: ToyWorldPrior, batches: Callable[[], Callable[[int], di
         while step < end:
             batch = batch_at(step)
             for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step)
+                group["lr"] = lr_at(cfg, step) * group["lr_scale"]
             loss = loss_at(model, sched, batch, step)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at step {step}; last checkpoint: {ckpt_path}")

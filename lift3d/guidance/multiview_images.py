@@ -1,0 +1,329 @@
+"""Reconstruction from generated views: photometric and silhouette losses at the views' cameras.
+
+Generate-then-reconstruct (Zero123++, Shi et al. 2023; One-2-3-45++ and InstantMesh reconstruct
+its views feed-forward, here they are fitted by optimisation): a multi-view generator draws the
+object from a few fixed cameras once, then a 3D representation is fitted to those images like a
+multi-view reconstruction. This guidance owns the views:
+
+* with ``views_dir`` it reads a views folder any generator wrote (layout in
+  :mod:`lift3d.priors.zero123pp.views`: images + ``cameras.json``; SyncDreamer's 16 views
+  converted to it work the same way);
+* otherwise it samples Zero123++'s six views of ``image_path`` once, before the first loss, and
+  keeps them in ``cache_dir`` or, by default, the trial folder's ``views/`` (which
+  ``multiview-images-datamodule`` passes in its batches). A folder there whose recorded settings
+  (model, version, sampler, steps, scale, seed, view size, framing, and the input image's bytes)
+  match is read instead of sampling again, so a resumed run reuses its views; the generator is
+  loaded only when it samples, and dropped after.
+
+Each call gets renders at some of the views' cameras (``multiview-images-datamodule`` yields them,
+with ``view_index``; a batch without it has each camera matched to the view at the same camera).
+The cameras are checked against the views' own (elevation, azimuth, distance, field of view): a
+batch from another pose table fails with both named. Losses:
+
+* ``loss_rgb``: mean squared error of the render against the view, both resized to the render's
+  size (on every pixel, or with ``masked_rgb`` on the view's foreground only);
+* ``loss_mask``: the rendered opacity against the view's mask: its alpha channel, or else the
+  pixels that differ from the views' background colour by more than ``mask_threshold``
+  (:func:`~lift3d.priors.zero123pp.views.background_mask`). Zero123++ draws on mid grey, so the
+  recipe also renders the scene over mid grey, and the colour loss sees the same background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lift3d.config import C, ConfigError
+from lift3d.guidance.base import GuidanceInput, GuidanceOutput
+from lift3d.guidance.latent_diffusion import weights_dtype
+from lift3d.guidance.score_distillation import DiffusionGuidance
+from lift3d.priors.zero123pp.model import DEFAULT_MODEL
+from lift3d.registry import register
+
+
+def _angle_gap(a: Tensor, b: Tensor) -> Tensor:
+    """|a - b| in degrees, the short way round."""
+    return torch.remainder(a - b + 180.0, 360.0).sub(180.0).abs()
+
+
+@register("multiview-images-guidance")
+class MultiviewImagesGuidance(DiffusionGuidance):
+    """RGB and mask losses of renders against generated views (Zero123++'s, or a views folder's)."""
+
+    prior_family = "zero123pp"
+
+    @dataclass
+    class Config(DiffusionGuidance.Config):
+        guidance_scale: float = 4.0
+        """Classifier-free guidance scale of the sampling (the Zero123++ pipeline's default 4)."""
+        views_dir: Optional[str] = None
+        """A views folder to reconstruct (any generator's; see lift3d.priors.zero123pp.views): nothing is
+        sampled and no weights are needed. Null: Zero123++ samples the views."""
+        pretrained_model_name_or_path: str = DEFAULT_MODEL
+        """Zero123++: a folder in the published layout, or a Hugging Face id found in the local cache.
+        Never downloaded: ``hf download sudo-ai/zero123plus-v1.2`` once."""
+        unet_weights: Optional[str] = None
+        """A fine-tuned UNet replacing the folder's (safetensors, or a tensors-only .bin; plain diffusers
+        keys or under ``unet.`` / ``unet.unet.``), e.g. InstantMesh's white-background UNet."""
+        version: Literal["v1.1", "v1.2"] = "v1.2"
+        """The model version: the elevations of its views (checked against the batch cameras)."""
+        image_path: Optional[str] = None
+        """The input image (recipes: ``${image}``); null: the data module's reference image."""
+        recenter: bool = True
+        """Centre an RGBA input's object and scale it to ``foreground_ratio`` of the frame before sampling."""
+        foreground_ratio: float = 0.85
+        """With ``recenter``: the object's longer side over the image side."""
+        cache_dir: Optional[str] = None
+        """Where sampled views are kept; null: ``<trial folder>/views`` from the data module."""
+        num_inference_steps: int = 28
+        """Sampling steps."""
+        sampler: Literal["euler_ancestral", "ddim"] = "euler_ancestral"
+        """Euler ancestral (the authors' choice) or DDIM."""
+        seed: int = 0
+        """Seed of the sampling noise."""
+        view_size: int = 320
+        """Pixels per view (320 for the released models)."""
+        torch_dtype: Optional[Literal["float16", "bfloat16", "float32", "float64"]] = None
+        """dtype of the generator's weights; null: float16 on CUDA (with half_precision_weights), else float32."""
+        half_precision_weights: bool = True
+        """float16 weights on CUDA when torch_dtype is null."""
+        background_color: tuple[float, float, float] = (0.5, 0.5, 0.5)
+        """The views' background (Zero123++: mid grey), for masks of RGB views; a folder's cameras.json
+        ``background`` takes precedence."""
+        mask_threshold: float = 0.06
+        """A pixel of an RGB view is foreground when it differs from the background colour by more than
+        this in some channel (0.06 is 15 of 255 levels: above the VAE's flat-background noise)."""
+        mask_loss: Literal["mse", "bce"] = "mse"
+        """How ``loss_mask`` compares the rendered opacity with the view's mask."""
+        masked_rgb: bool = False
+        """Compare colours on the view's foreground only."""
+        camera_tolerance: float = 1e-3
+        """Largest relative difference of distance / field of view, and degrees of angle, between a batch
+        camera and its view's before the batch is refused (scaled to degrees x 100 for angles)."""
+
+    cfg: Config
+
+    @classmethod
+    def requires(cls, cfg: Any) -> frozenset[str]:
+        return frozenset({"opacity"})
+
+    @classmethod
+    def missing_weights(cls, cfg: Any) -> str | None:
+        if cfg.views_dir:
+            return None  # nothing to sample
+        from lift3d.priors.zero123pp.model import resolve_model
+        from lift3d.utils.hub import MissingWeightsError
+
+        try:
+            resolve_model(cfg.pretrained_model_name_or_path, "system.guidance.pretrained_model_name_or_path")
+        except MissingWeightsError as exc:
+            return str(exc)
+        return None
+
+    def configure(self) -> None:
+        c = self.cfg
+        if not 0.0 < c.foreground_ratio <= 1.0:
+            raise ConfigError(f"{self._cfg_key}.foreground_ratio must be in (0, 1], got {c.foreground_ratio}")
+        if c.num_inference_steps < 1 or c.view_size < 1:
+            raise ConfigError(f"{self._cfg_key}: num_inference_steps and view_size must be positive")
+        if not 0.0 <= c.mask_threshold < 1.0:
+            raise ConfigError(f"{self._cfg_key}.mask_threshold must be in [0, 1), got {c.mask_threshold}")
+        if c.views_dir:
+            from lift3d.priors.zero123pp.views import read_cameras
+
+            read_cameras(c.views_dir, f"{self._cfg_key}.views_dir")  # fail at start-up, not at step 0
+        # The views [N, H, W, 3], masks [N, H, W, 1] and cameras; filled on first use. Not buffers:
+        # they are on disk (views_dir or the cache), never in a checkpoint.
+        self.__dict__["views"] = None
+        self.__dict__["_targets"] = {}
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "MultiviewImagesGuidance":
+        self._targets.clear()  # resized on the old device
+        return super(DiffusionGuidance, self)._apply(fn, *args, **kwargs)
+
+    # -- the views ---------------------------------------------------------------------------
+
+    def record(self, image_bytes: bytes) -> dict[str, Any]:
+        """The settings a sampled views folder is valid for."""
+        c = self.cfg
+        return {"generator": "zero123pp", "model": str(c.pretrained_model_name_or_path),
+                "unet_weights": c.unet_weights, "version": c.version, "steps": c.num_inference_steps,
+                "guidance_scale": float(C(c.guidance_scale, 0)), "sampler": c.sampler, "seed": c.seed,
+                "view_size": c.view_size, "recenter": c.recenter, "foreground_ratio": c.foreground_ratio,
+                "input_sha256": hashlib.sha256(image_bytes).hexdigest()}
+
+    def _input(self, inp: Optional[GuidanceInput]) -> tuple[Tensor, bytes]:
+        """The conditioning image [1, 3, S, S] as the model sees it, and bytes identifying it."""
+        from lift3d.priors.zero123pp.input import prepare_input, read_image
+
+        c = self.cfg
+        if c.image_path:
+            rgb, alpha = read_image(c.image_path, f"{self._cfg_key}.image_path")
+            raw = Path(c.image_path).expanduser().read_bytes()
+        elif inp is not None and inp.cond_image is not None:
+            rgb = inp.cond_image[0].detach().float().cpu()
+            alpha = inp.cond_mask[0, ..., 0].detach().float().cpu() if inp.cond_mask is not None else None
+            raw = rgb.numpy().tobytes() + (alpha.numpy().tobytes() if alpha is not None else b"")
+        else:
+            raise ConfigError(f"{self._cfg_key}.image_path is not set and the batch has no input image: give "
+                              "the image to generate views of (recipes: image_path: ${image}), or views_dir")
+        return prepare_input(rgb, alpha, recenter_ratio=c.foreground_ratio if c.recenter else None), raw
+
+    def generate(self, image: Tensor, device: torch.device, distance: Optional[float], fovy: Optional[float]
+                 ) -> tuple[Any, Tensor]:
+        """Sample Zero123++'s views of ``image`` on ``device``: (a ViewSet, the tiled grid [3, H, W])."""
+        from lift3d.priors.zero123pp.model import load_folder, resolve_model
+        from lift3d.priors.zero123pp.sampler import sample_views
+        from lift3d.priors.zero123pp.views import ViewSet
+
+        c = self.cfg
+        key = f"{self._cfg_key}.pretrained_model_name_or_path"
+        folder = resolve_model(c.pretrained_model_name_or_path, key)
+        dtype = weights_dtype(c.torch_dtype, c.half_precision_weights, on_cuda=device.type == "cuda")
+        model = load_folder(folder, key=key, dtype=dtype, unet_weights=c.unet_weights).to(device)
+        try:
+            with torch.autocast(device.type, enabled=False):
+                res = sample_views(model, image, version=c.version, distance=distance, fovy_deg=fovy,
+                                   view_size=c.view_size, steps=c.num_inference_steps,
+                                   guidance_scale=float(C(c.guidance_scale, 0)), sampler=c.sampler, seed=c.seed)
+        finally:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        return ViewSet(rgb=res.views.permute(0, 2, 3, 1).contiguous(), cameras=res.cameras,
+                       background=tuple(c.background_color)), res.grid
+
+    def prepare(self, inp: Optional[GuidanceInput] = None, cache_dir: Optional[str | Path] = None,
+                device: Optional[torch.device] = None) -> Any:
+        """The views: read from ``views_dir``, or from a matching cache folder, or sampled (and cached)."""
+        from lift3d.priors.zero123pp.views import read_record, read_views, write_views
+
+        if self.views is not None:
+            return self.views
+        c = self.cfg
+        if c.views_dir:
+            vs = read_views(c.views_dir, f"{self._cfg_key}.views_dir")
+        else:
+            cache = cache_dir or c.cache_dir or (inp.extras.get("views_cache") if inp is not None else None)
+            image, raw = self._input(inp)
+            record = self.record(raw)
+            found = read_record(cache) if cache else None
+            if found == record:
+                vs = read_views(cache, f"{self._cfg_key}.cache_dir")
+            else:
+                if found is not None:
+                    print(f"[lift3d] {cache}: views sampled with other settings; sampling them again")
+                dev = device or (inp.rgb.device if inp is not None and inp.rgb is not None else torch.device("cpu"))
+                distance = float(inp.cameras.distance[0]) if inp is not None else None
+                fovy = float(inp.cameras.fovy[0]) if inp is not None else None
+                vs, grid = self.generate(image, dev, distance, fovy)
+                vs.record = record
+                if cache:
+                    write_views(cache, vs.rgb.permute(0, 3, 1, 2), vs.cameras, grid=grid, input_image=image[0],
+                                background=c.background_color, record=record)
+                    print(f"[lift3d] Zero123++ views written to {cache}")
+        self.__dict__["views"] = vs
+        return vs
+
+    def targets(self, H: int, W: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """All views' colours [N, H, W, 3] and masks [N, H, W, 1] at the render size."""
+        key = (H, W, device, dtype)
+        if key not in self._targets:
+            from lift3d.priors.zero123pp.views import background_mask
+
+            vs = self.views
+            h, w = vs.rgb.shape[1:3]
+            if abs(h / w - H / W) > 0.01 * (H / W):
+                raise ValueError(f"{self.name()}: the views are {h}x{w} but the renders {H}x{W}; render at the "
+                                 "views' aspect ratio (data.height / data.width)")
+            if vs.alpha is not None:
+                mask = vs.alpha.float()
+            else:
+                bg = vs.background if vs.background is not None else tuple(self.cfg.background_color)
+                mask = background_mask(vs.rgb.float(), bg, self.cfg.mask_threshold)
+            x = torch.cat([vs.rgb.float(), mask[..., None]], -1).permute(0, 3, 1, 2)
+            if (h, w) != (H, W):
+                x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
+            x = x.clamp(0, 1).permute(0, 2, 3, 1).to(device=device, dtype=dtype)
+            self._targets[key] = (x[..., :3].contiguous(), x[..., 3:].contiguous())
+        return self._targets[key]
+
+    def match_cameras(self, inp: GuidanceInput) -> Tensor:
+        """[B] the view each batch camera is at, for batches without ``view_index``: the view with the same
+        camera (within ``camera_tolerance``); a ConfigError when a camera is at none of the views."""
+        vs, cams, tol = self.views, inp.cameras, self.cfg.camera_tolerance
+        dev = cams.elevation.device
+        v = {k: t.to(dev).float() for k, t in vs.cameras.items()}
+        gap = (_angle_gap(cams.elevation.float()[:, None], v["elevation"][None]) / (100 * tol)).maximum(
+            _angle_gap(cams.azimuth.float()[:, None], v["azimuth"][None]) / (100 * tol))
+        for name, got in (("distance", cams.distance), ("fovy", cams.fovy)):
+            rel = (got.float()[:, None] - v[name][None]).abs() / (tol * v[name][None].abs().clamp_min(1e-6))
+            gap = gap.maximum(rel)
+        best, idx = gap.min(dim=1)
+        if (best > 1.0).any():
+            raise ConfigError(f"{self.name()}: {int((best > 1.0).sum())} batch camera(s) are at none of the views' "
+                              "cameras (and the batch has no view_index): use data_type: multiview-images-datamodule, "
+                              "whose batches are the views' cameras")
+        return idx
+
+    def check_cameras(self, inp: GuidanceInput, idx: Tensor) -> None:
+        vs, cams, tol = self.views, inp.cameras, self.cfg.camera_tolerance
+        want = {k: v.to(idx.device)[idx] for k, v in vs.cameras.items()}
+        bad = []
+        for name, got in (("elevation", cams.elevation), ("azimuth", cams.azimuth)):
+            gap = _angle_gap(got.float(), want[name].float())
+            if (gap > 100 * tol).any():
+                bad.append(name)
+        for name, got in (("distance", cams.distance), ("fovy", cams.fovy)):
+            w = want[name].float()
+            if ((got.float() - w).abs() > tol * w.abs().clamp_min(1e-6)).any():
+                bad.append(name)
+        if bad:
+            i = int(idx[0])
+            raise ConfigError(
+                f"{self.name()}: the batch cameras are not the views' ({', '.join(bad)} differ; view {i}: the views "
+                f"have elevation {float(vs.cameras['elevation'][i]):g}, azimuth {float(vs.cameras['azimuth'][i]):g}, "
+                f"distance {float(vs.cameras['distance'][i]):g}, fovy {float(vs.cameras['fovy'][i]):g}). Make "
+                f"data.views_dir / data.pose_table agree with {self._cfg_key}.views_dir / .version")
+
+    # -- the losses --------------------------------------------------------------------------
+
+    def forward(self, inp: GuidanceInput, t: Tensor | None = None, noise: Tensor | None = None) -> GuidanceOutput:
+        rgb, opacity = inp.rgb, inp.opacity
+        self.prepare(inp)
+        idx = inp.extras.get("view_index")
+        if idx is None:
+            idx = self.match_cameras(inp)
+        idx = torch.as_tensor(idx, device=rgb.device).long()
+        self.check_cameras(inp, idx)
+        B, H, W, _ = rgb.shape
+        all_rgb, all_mask = self.targets(H, W, rgb.device, rgb.dtype)
+        gt_rgb, gt_mask = all_rgb[idx], all_mask[idx]
+        if self.cfg.masked_rgb:
+            loss_rgb = ((rgb - gt_rgb) ** 2 * gt_mask).sum() / (gt_mask.sum() * 3).clamp_min(1.0)
+        else:
+            loss_rgb = F.mse_loss(rgb, gt_rgb)
+        if opacity is None:
+            raise ValueError(f"{self.name()} needs the rendered opacity")
+        if self.cfg.mask_loss == "bce":
+            # Written out (not F.binary_cross_entropy, which autocast refuses).
+            op = opacity.float().clamp(1e-5, 1.0 - 1e-5)
+            m = gt_mask.float()
+            loss_mask = -(m * torch.log(op) + (1.0 - m) * torch.log1p(-op)).mean()
+        else:
+            loss_mask = F.mse_loss(opacity, gt_mask.to(opacity.dtype))
+        with torch.no_grad():
+            psnr = -10.0 * torch.log10(F.mse_loss(rgb.float(), gt_rgb.float()).clamp_min(1e-10))
+            inter = ((opacity > 0.5) & (gt_mask > 0.5)).sum()
+            union = ((opacity > 0.5) | (gt_mask > 0.5)).sum().clamp_min(1)
+        return GuidanceOutput(losses={"loss_rgb": loss_rgb, "loss_mask": loss_mask},
+                              diagnostics={"psnr": psnr, "mask_iou": inter.float() / union.float()})
+
+
+__all__ = ["MultiviewImagesGuidance"]
