@@ -220,8 +220,8 @@ def test_dry_run_checks_everything_and_writes_nothing(tmp_path, tiny_recipe, cap
 
 def test_an_empty_prompt_is_refused_before_any_folder_is_made(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match=r"system\.prompt_processor\.prompt is empty"):
-        run(["--config", str(REPO / "configs/tiny/dreamfusion.yaml"), "--train", "prompt=", f"exp_root_dir={out}",
+    with pytest.raises(ConfigError, match=r"needs a prompt, but config key 'system\.prompt_processor\.prompt'"):
+        run(["--config", str(REPO / "configs/tiny/dreamfusion.yaml"), "--train", "prompt=' '", f"exp_root_dir={out}",
              "--dry-run"])
     assert not out.exists()
 
