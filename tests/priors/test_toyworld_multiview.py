@@ -92,9 +92,11 @@ def test_a_group_of_identical_views_is_denoised_as_one_view():
 
 def test_views_interact_within_their_group_only():
     mv = make_tiny_mv_prior().eval()
-    for attn in attention_layers(mv.unet).values():  # attention strong enough to carry a visible signal
-        for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
-            torch.nn.init.normal_(lin.weight, std=0.5)
+    with torch.random.fork_rng(devices=[]):  # the same weights whatever ran before
+        torch.manual_seed(0)
+        for attn in attention_layers(mv.unet).values():  # attention strong enough to carry a visible signal
+            for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+                torch.nn.init.normal_(lin.weight, std=0.5)
     x, t, tok, cam = _inputs(8)
     x2 = x.clone()
     x2[2] += 1.0  # view 2 of group 0

@@ -134,6 +134,15 @@ def group_azimuths(base: Tensor, n_views: int) -> Tensor:
     return torch.remainder(base[:, None] + offsets[None], 360.0).reshape(-1)
 
 
+def draw_prompt(g: torch.Generator, n_prompts: int, focus: list[int] | None, focus_fraction: float) -> int:
+    """A group's object: one of ``focus`` with probability ``focus_fraction``, else uniform over the
+    catalogue (a coin, then the pick, both from ``g``)."""
+    coin = float(torch.rand(1, generator=g))
+    if focus and coin < focus_fraction:
+        return focus[int(torch.randint(len(focus), (1,), generator=g))]
+    return int(torch.randint(n_prompts, (1,), generator=g))
+
+
 def sample_group_params(seed: int, groups: range | list[int], n_views: int = 4, focus: list[int] | None = None,
                         focus_fraction: float = 0.0, shared_light: bool = False) -> dict[str, Tensor]:
     """The random choices of groups ``groups``, flattened group-major (the views of a group consecutive):
@@ -149,11 +158,7 @@ def sample_group_params(seed: int, groups: range | list[int], n_views: int = 4, 
     rows: dict[str, list[Tensor]] = {k: [] for k in ("prompt_index", "elevation", "azimuth", "distance", "light_dirs")}
     for i in groups:
         g = _sample_generator(seed, i, _GROUP_TAG)
-        coin = float(torch.rand(1, generator=g))
-        if focus and coin < focus_fraction:
-            prompt_index = focus[int(torch.randint(len(focus), (1,), generator=g))]
-        else:
-            prompt_index = int(torch.randint(n_prompts, (1,), generator=g))
+        prompt_index = draw_prompt(g, n_prompts, focus, focus_fraction)
         elev, base, dist = sample_cameras(1, g)
         az = group_azimuths(base, n_views)
         elev, dist = elev.expand(n_views).clone(), dist.expand(n_views).clone()

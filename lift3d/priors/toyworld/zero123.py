@@ -43,7 +43,8 @@ from torch import Tensor
 
 from lift3d.config import ConfigError, parse_structured
 from lift3d.priors.toyworld.model import DEFAULT_WEIGHTS, WEIGHTS_DIR, ToyPriorConfig, ToyWorldPrior, make_scheduler
-from lift3d.priors.toyworld.multiview_train import GroupFineTuneConfig, MultiViewDataset, _focus_indices, check_counts
+from lift3d.priors.toyworld.multiview_train import (GroupFineTuneConfig, MultiViewDataset, _focus_indices, check_counts,
+                                                  draw_prompt)
 
 DEFAULT_Z123_WEIGHTS = WEIGHTS_DIR / "toyworld-zero123.safetensors"
 Z123_META_KEY = "lift3d_toyworld_zero123"
@@ -242,11 +243,7 @@ def sample_pair_params(seed: int, groups: range | list[int], n_targets: int = 4,
     rows: dict[str, list[Tensor]] = {k: [] for k in ("prompt_index", "elevation", "azimuth", "distance", "light_dirs")}
     for i in groups:
         g = _sample_generator(seed, i, _PAIR_TAG)
-        coin = float(torch.rand(1, generator=g))
-        if focus and coin < focus_fraction:
-            prompt_index = focus[int(torch.randint(len(focus), (1,), generator=g))]
-        else:
-            prompt_index = int(torch.randint(n_prompts, (1,), generator=g))
+        prompt_index = draw_prompt(g, n_prompts, focus, focus_fraction)
         elev, az, dist = sample_cameras(n, g)
         cams = make_cameras(elev, az, dist, torch.full((n,), FOVY), 1, 1)
         light = light_in_upper_hemisphere(cams, g)
