@@ -108,6 +108,13 @@ class ExperimentConfig:
     zero123pp_model: str = ""
     """Zero123++ weights (a folder in the published diffusers layout or a Hugging Face id) for recipes
     that interpolate ``${zero123pp_model}``."""
+    point_e_model: str = ""
+    """Point-E's weights for recipes that interpolate ``${point_e_model}``: a folder holding the published
+    ``base_40m_textvec.pt`` (and ``upsample_40m.pt`` where a recipe samples its initial cloud with the
+    upsampler), as Point-E's own ``point_e_model_cache/`` does, or the base model's file."""
+    clip_model: str = ""
+    """CLIP ViT-L/14 (a transformers folder or a Hugging Face id) for recipes that interpolate
+    ``${clip_model}``: Point-E's text encoder."""
     viewdiff_weights: str = ""
     """Trained ViewDiff layers (a safetensors file written by ``python -m lift3d.priors.viewdiff train``)
     for recipes that interpolate ``${viewdiff_weights}``."""

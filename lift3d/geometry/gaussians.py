@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -115,8 +114,10 @@ class GaussianModel(BaseGeometry):
         color_mode: Literal["sh", "rgb"] = "sh"
         """'sh': rgb = max(0, 0.5 + SH(dir)); 'rgb': rgb = sigmoid(features_dc), features_rest unused."""
         init: str = "ball:0.5"
-        """Initialisation: 'ball:R' (uniform in a ball), 'sphere:R' (on a sphere surface), 'ply:PATH' (point cloud or
-        3DGS PLY), 'points' (tensor passed as init_points=), 'mesh' (Mesh passed as init_mesh=, surface sampled)."""
+        """Initialisation: 'ball:R' (uniform in a ball), 'sphere:R' (on a sphere surface), 'ply:PATH' (a 3DGS PLY, or a
+        point cloud PLY with x, y, z and optional red, green, blue), 'points' (tensor passed as init_points=), 'mesh'
+        (Mesh passed as init_mesh=, surface sampled), 'guidance:NAME' (the point cloud that the run's guidance NAME
+        samples when training starts, e.g. Point-E's for the prompt; a resumed run keeps its checkpoint's Gaussians)."""
         n_init: int = 5000
         """Number of Gaussians created by 'ball', 'sphere' and 'mesh' initialisation."""
         init_scale: Optional[float] = None
@@ -214,17 +215,45 @@ class GaussianModel(BaseGeometry):
             if init_mesh is None:
                 raise ConfigError("gaussian-splatting: init 'mesh' needs init_mesh= (a Mesh) from the builder")
             self.init_from_mesh(init_mesh, self.cfg.n_init)
+        elif kind == "guidance":
+            if not arg:
+                raise ConfigError("gaussian-splatting: init 'guidance:NAME' needs the name of one of the run's guidances, "
+                                  "e.g. 'guidance:point_e'")
+            if init_points is not None:
+                self.init_from_points(init_points, init_colors)
+            else:
+                # No Gaussians until the system asks guidance NAME for its cloud when training starts (sampling
+                # there, not here, keeps --export, --test, dry runs and resumed runs from sampling at all).
+                self._set_params(**{name: torch.zeros(0, *shape) for name, shape in self._param_shapes().items()})
+                self.pending_init = arg
         else:
             raise ConfigError(
-                f"gaussian-splatting: unknown init {init!r}; valid: 'ball:R', 'sphere:R', 'ply:PATH', 'points', 'mesh'"
+                f"gaussian-splatting: unknown init {init!r}; valid: 'ball:R', 'sphere:R', 'ply:PATH', 'points', 'mesh', "
+                "'guidance:NAME'"
             )
 
+    #: The guidance whose sampled cloud this geometry still waits for (``init: guidance:NAME``); None once
+    #: it has Gaussians (set, initialised from points or loaded from a checkpoint).
+    pending_init: Optional[str] = None
+
+    @classmethod
+    def init_guidance(cls, cfg: Any) -> Optional[str]:
+        """The guidance named by ``init: guidance:NAME`` in the parsed ``cfg``, else None (start-up checks)."""
+        kind, _, arg = str(cfg.init).partition(":")
+        return arg if kind == "guidance" else None
+
     # -- parameters ------------------------------------------------------------------------
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-Gaussian shape of each parameter."""
+        return {"xyz": (3,), "features_dc": (3,), "features_rest": (self.n_rest, 3), "scaling": (3,),
+                "rotation": (4,), "opacity": (1,)}
 
     def _set_params(self, **tensors: Tensor) -> None:
         for name in PARAM_NAMES:
             setattr(self, name, nn.Parameter(tensors[name].detach().clone().float().contiguous(), requires_grad=True))
         self.strategy.reset_stats(self)
+        self.pending_init = None
 
     def init_from_points(self, points: Tensor, colors: Tensor | None = None, scales: Tensor | None = None) -> None:
         """Gaussians at ``points`` [N, 3] with ``colors`` [N, 3] in [0, 1] (else config/random), isotropic scale."""
@@ -384,6 +413,8 @@ class GaussianModel(BaseGeometry):
         has_extra = extra_key in state_dict
         n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "xyz" in state_dict:
+            self.pending_init = None  # the checkpoint's Gaussians: nothing left to sample
         if not has_extra:
             # Written before the densification state was saved: the Gaussians load, their statistics
             # restart from zero (what loading did before), and a strict load does not fail on the key.
@@ -490,12 +521,20 @@ class GaussianModel(BaseGeometry):
             )
 
     def load_ply(self, path: str | Path) -> None:
-        """Read a 3DGS PLY (all parameters) or a plain point cloud PLY (x, y, z and optional red/green/blue)."""
+        """Read a 3DGS PLY (all parameters) or a plain point cloud PLY (x, y, z and optional red, green, blue:
+        integers over 255, floats in [0, 1]; without them, ``init_color`` or random colours)."""
+        from lift3d.utils.point_cloud_io import read_point_cloud_ply
+
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"gaussian-splatting: init PLY {path} does not exist")
-        verts = read_ply_vertices(path)
-        if "f_dc_0" in verts and "rot_0" in verts:
+        try:
+            verts = read_ply_vertices(path)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"gaussian-splatting: init PLY {path} cannot be read: {exc}") from None
+        gaussian_fields = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
+                           "rot_0", "rot_1", "rot_2", "rot_3"]
+        if all(k in verts for k in gaussian_fields):
             g = read_gaussian_ply(path)
             n_rest = g["f_rest"].shape[1]
             if n_rest != self.n_rest:
@@ -510,14 +549,15 @@ class GaussianModel(BaseGeometry):
                 opacity=torch.from_numpy(g["opacity"]),
             )
             return
-        pts = torch.from_numpy(np.stack([verts["x"], verts["y"], verts["z"]], -1).astype(np.float32))
-        colors = None
-        if all(c in verts for c in ("red", "green", "blue")):
-            rgb = np.stack([verts["red"], verts["green"], verts["blue"]], -1).astype(np.float32)
-            if verts["red"].dtype == np.uint8:
-                rgb = rgb / 255.0
-            colors = torch.from_numpy(rgb)
-        self.init_from_points(pts, colors)
+        if not all(k in verts for k in ("x", "y", "z")) or len(verts["x"]) == 0:
+            found = ", ".join(verts) or "none"
+            raise ConfigError(
+                f"gaussian-splatting: init PLY {path} is neither a 3D Gaussian PLY ({', '.join(gaussian_fields)}) nor "
+                f"a point cloud (x, y, z, optionally red, green, blue) with at least one point; its vertices have "
+                f"{len(next(iter(verts.values()), []))} rows and the fields: {found}")
+        xyz, rgb = read_point_cloud_ply(path)
+        colors = torch.from_numpy(rgb) if all(c in verts for c in ("red", "green", "blue")) else None
+        self.init_from_points(torch.from_numpy(xyz), colors)
 
 
 def knn_mean_distance(points: Tensor, k: int = 3, chunk: int = 2048) -> Tensor:

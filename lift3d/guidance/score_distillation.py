@@ -227,6 +227,23 @@ class DiffusionGuidance(BaseGuidance):
         return self.prior.encode(img)
 
 
+def timestep_weight(alpha_bar: Tensor, weighting: str) -> Tensor:
+    """SDS's w(t) from the cumulative alphas of the drawn timesteps: ``sds`` 1 - a_t (DreamFusion),
+    ``fantasia3d`` sqrt(a_t) (1 - a_t), anything else 1."""
+    if weighting == "sds":
+        return 1 - alpha_bar
+    if weighting == "fantasia3d":
+        return alpha_bar.sqrt() * (1 - alpha_bar)
+    return torch.ones_like(alpha_bar)
+
+
+def step_bounds(n: int, min_percent: float, max_percent: float) -> tuple[int, int]:
+    """(lo, hi) timesteps of an ``n``-step schedule from the fractions ``min_percent`` and ``max_percent``,
+    clamped so that hi >= 1 and both lie in the schedule."""
+    lo, hi = int(min_percent * n), int(max_percent * n)
+    return max(0, min(lo, n - 1)), max(1, min(hi, n - 1))
+
+
 class SDSGuidance(DiffusionGuidance):
     """Score distillation sampling against the adapter :meth:`build_prior` returns; ``loss_sds``."""
 
@@ -262,19 +279,11 @@ class SDSGuidance(DiffusionGuidance):
     # -- pieces -----------------------------------------------------------------------------------
 
     def weight(self, t: Tensor) -> Tensor:
-        a = self.alphas_cumprod[t]
-        if self.cfg.weighting == "sds":
-            return 1 - a
-        if self.cfg.weighting == "fantasia3d":
-            return a.sqrt() * (1 - a)
-        return torch.ones_like(a)
+        return timestep_weight(self.alphas_cumprod[t], self.cfg.weighting)
 
     def step_range(self) -> tuple[int, int]:
         """(lo, hi) timesteps from the (scheduled) min/max step percentages, clamped to the schedule."""
-        n = self.num_train_timesteps
-        lo = int(self.C(self.cfg.min_step_percent) * n)
-        hi = int(self.C(self.cfg.max_step_percent) * n)
-        return max(0, min(lo, n - 1)), max(1, min(hi, n - 1))
+        return step_bounds(self.num_train_timesteps, self.C(self.cfg.min_step_percent), self.C(self.cfg.max_step_percent))
 
     def sample_t(self, inp: GuidanceInput, device: torch.device) -> Tensor:
         """[B] timesteps for this step (see ``timestep_schedule`` and ``timestep_sharing``)."""

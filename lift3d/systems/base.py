@@ -114,6 +114,8 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
         for idx in range(len(self.stages)):
             self._parse_slot("prompt-processor", *self.slot_spec(idx, "prompt_processor"))
             parsed = {slot: self._parse_slot(slot, *self.slot_spec(idx, slot)) for slot in SCENE_SLOTS + ("renderer",)}
+            if idx == 0:  # later stages' geometries come from conversions or checkpoints, never from a sample
+                self._check_init_guidance(idx, *parsed["geometry"])
             for spec in self.guidance_specs(idx).values():
                 cls, gcfg = self._parse_slot("guidance", spec.type, spec.config, spec.key)
                 needs = cls.requires(gcfg)
@@ -128,6 +130,44 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
                         f"{spec.key}: guidance {spec.type!r} scores the geometry's points, but geometry "
                         f"{parsed['geometry'][0].registry_name!r} in stage '{self.stages[idx].name}' has none "
                         "(use gaussian-splatting)")
+
+    def _check_init_guidance(self, idx: int, geo_cls: type, geo_cfg: Any) -> None:
+        """``init: guidance:NAME`` must name a guidance of the stage that can sample a point cloud."""
+        name = geo_cls.init_guidance(geo_cfg) if hasattr(geo_cls, "init_guidance") else None
+        if name is None:
+            return
+        key = self.slot_spec(idx, "geometry")[2]
+        specs = self.guidance_specs(idx)
+        if name not in specs:
+            raise ConfigError(f"{key}.init: 'guidance:{name}' names no guidance of stage '{self.stages[idx].name}'; "
+                              f"its guidances: {', '.join(specs)} ('{MAIN_GUIDANCE}' is the main one)")
+        cls = find(specs[name].type, "guidance")
+        if not callable(getattr(cls, "sample_init_points", None)):
+            raise ConfigError(f"{key}.init: guidance '{name}' ({specs[name].type}) cannot sample an initial point "
+                              "cloud (it has no sample_init_points); use one that can, such as point-e-guidance")
+
+    def init_geometry_from_guidance(self) -> None:
+        """``init: guidance:NAME``: give a geometry that waits for its initial cloud the one guidance NAME samples
+        for the prompt, then rebuild the optimizers around the new parameters. Called when training starts;
+        a resumed run's geometry has its checkpoint's Gaussians and waits for nothing. The sample depends on
+        the seed alone (the global generators are forked and seeded around it)."""
+        name = getattr(self.geometry, "pending_init", None)
+        if not name:
+            return
+        guidance = self.guidance_modules()[name]
+        prompt = getattr(self.prompt_processor.cfg, "prompt", None)
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.seed)
+            xyz, rgb = guidance.sample_init_points(prompt)
+        self.geometry.init_from_points(xyz, rgb)
+        self.geometry.to(self.device)
+        msg = f"[lift3d] {self.geometry.num_points} initial Gaussians from guidance '{name}'"
+        if self._trainer is not None:
+            self.print(msg)
+            self.trainer.strategy.setup_optimizers(self.trainer)
+        else:
+            print(msg)
 
     def check_training(self, datamodule: Any) -> None:
         """Everything a training run needs beyond the config's shape, checked before any folder is made:
@@ -475,6 +515,7 @@ class BaseSystem(StagesMixin, OptimizationMixin, TrainingStepMixin, pl.Lightning
         self.guidance_modules()
         for g in self._guidances.values():
             g.to(self.device)
+        self.init_geometry_from_guidance()
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
         Configurable.update_step(self, epoch, global_step, on_load_weights)

@@ -44,6 +44,9 @@ TINY_PRIORS = {
         "smoke_overrides"](tmp),
     "toyworld-viewdiff": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_toyworld_viewdiff.py"))[
         "smoke_overrides"](tmp),
+    "point-e": lambda tmp: runpy.run_path(str(REPO / "tests/recipes/test_gsgen_recipe.py"))["smoke_overrides"](tmp),
+    "toyworld-points": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_toyworld_points.py"))[
+        "smoke_overrides"](tmp),
 }
 
 #: ``${sd_model}``: a guidance setting taken from a top-level key of the recipe.

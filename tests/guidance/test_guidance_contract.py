@@ -6,7 +6,9 @@ built-in guidance fails ``test_every_builtin_guidance_has_a_case`` until it gets
 
 from __future__ import annotations
 
+import runpy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -25,9 +27,19 @@ from tiny_mvdream import tiny_mvdream  # noqa: F401
 from tiny_toyworld_zero123 import toyworld_zero123_weights  # noqa: F401
 from tiny_toyworld_viewdiff import toyworld_viewdiff_weights  # noqa: F401
 from tiny_viewdiff import tiny_viewdiff  # noqa: F401
+from tiny_toyworld_points import toyworld_points_weights  # noqa: F401
 from tiny_zero123pp import views_folder_for
 
 RES = 16  # renders and the tiny prior's resolution
+N_POINTS = 40  # points of the geometry (Gaussian centres) in every input
+
+
+@pytest.fixture(scope="session")
+def tiny_point_e(tmp_path_factory):
+    """The tiny Point-E of tests/priors/tiny_point_e.py (base, upsampler, CLIP folder), loaded by path:
+    tests/priors is not on sys.path when this file runs alone."""
+    make = runpy.run_path(str(Path(__file__).resolve().parents[1] / "priors" / "tiny_point_e.py"))["make_tiny_point_e"]
+    return make(tmp_path_factory.mktemp("tiny-point-e"))
 
 
 @dataclass
@@ -46,7 +58,8 @@ class Case:
 FAMILY_WEIGHTS = {"toyworld": "toyworld_weights", "stable-diffusion": "tiny_sd", "deepfloyd": "tiny_if",
                   "mvdream": "tiny_mvdream", "zero123": "tiny_zero123", "toyworld-mv": "toyworld_mv_weights",
                   "toyworld-zero123": "toyworld_zero123_weights", "viewdiff": "tiny_viewdiff",
-                  "zero123pp": "zero123pp_views", "toyworld-viewdiff": "toyworld_viewdiff_weights"}
+                  "zero123pp": "zero123pp_views", "toyworld-viewdiff": "toyworld_viewdiff_weights",
+                  "point-e": "tiny_point_e", "toyworld-points": "toyworld_points_weights"}
 FAMILY_PROMPTS = {
     "toyworld": lambda prompt, w: find("toyworld-prompt-processor")({"prompt": prompt})(),
     "stable-diffusion": lambda prompt, w: find("stable-diffusion-prompt-processor")(
@@ -61,6 +74,8 @@ FAMILY_PROMPTS = {
     "toyworld-viewdiff": lambda prompt, w: find("toyworld-prompt-processor")({"prompt": prompt})(),
     "mvdream": lambda prompt, w: find("mvdream-prompt-processor")(
         {"prompt": prompt, "pretrained_model_name_or_path": str(w), "use_cache": False})(),
+    "point-e": lambda prompt, w: find("plain-prompt-processor")({"prompt": prompt})(),  # Point-E encodes the text
+    "toyworld-points": lambda prompt, w: find("toyworld-prompt-processor")({"prompt": prompt})(),
 }
 
 
@@ -126,6 +141,15 @@ CASES = {
     "mvdream-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w), "image_size": 16, "n_views": 2,
                                         "guidance_scale": 7.5, "half_precision_weights": False},
                              noise_shape=(4, 8, 8), family="mvdream"),
+    # A 3D prior on the points: 2 subsets (one t and noise each, as the suite gives 2) of the tiny model's 32.
+    "point-e-guidance": Case(lambda w: {"pretrained_model_name_or_path": str(w / "base.pt"),
+                                        "clip_model_name_or_path": str(w / "clip"), "n_points": 32, "n_subsets": 2,
+                                        "guidance_scale": 100.0, "detach_colors": False},
+                             noise_shape=(6, 32), family="point-e"),
+    # Its toy twin: the same guidance on the toy point prior (subsets of its 32 points).
+    "toyworld-point-e-guidance": Case(lambda w: {"pretrained": str(w), "n_subsets": 2, "guidance_scale": 5.0,
+                                                 "detach_colors": False},
+                                      noise_shape=(6, 32), family="toyworld-points"),
 }
 
 
@@ -149,12 +173,17 @@ def make_input(prompt: Any, groups: int = 1, n_views: int = 2, dtype: torch.dtyp
     leaf = lambda *shape: torch.rand(*shape, generator=g).to(dtype).requires_grad_(True)  # noqa: E731
     ref = make_cameras(torch.zeros(1), torch.zeros(1), torch.full((1,), 2.0), torch.full((1,), 40.0), RES, RES)
     mask = (torch.rand(1, RES, RES, 1, generator=g) > 0.5).to(dtype)
-    return GuidanceInput(
+    inp = GuidanceInput(
         cameras=CameraBatch.from_batch(batch), rgb=leaf(B, RES, RES, 3), opacity=leaf(B, RES, RES, 1),
         normal=leaf(B, RES, RES, 3),
         prompt=ToyWorldPromptProcessor({"prompt": prompt})() if isinstance(prompt, str) else prompt,
         cond_image=torch.rand(1, RES, RES, 3, generator=g).to(dtype) * mask, cond_mask=mask,
         cond_cameras=CameraBatch.from_batch(ref), extras=batch)
+    # The geometry's points (Gaussian centres) and colours, for a 3D prior; drawn last, so the other
+    # fields keep the values they had before points were added.
+    inp.points = (torch.rand(N_POINTS, 3, generator=g) - 0.5).to(dtype).requires_grad_(True)
+    inp.point_colors = leaf(N_POINTS, 3)
+    return inp
 
 
 def build(name: str, weights_path: Any, **over: Any) -> Any:
@@ -201,10 +230,11 @@ def test_gradients_reach_the_inputs_and_no_weight_of_the_guidance(name, weights)
     inp = make_input(prompt_of(name, weights))
     total = losses_of(g(inp, **fixed_t_noise(name, 2)))
     own = [p for p in g.parameters() if p.requires_grad]
-    leaves = [inp.rgb, inp.opacity, inp.normal]
+    leaves = [inp.rgb, inp.opacity, inp.normal, inp.points, inp.point_colors]
     grads = torch.autograd.grad(total, leaves + own, allow_unused=True)
-    assert any(gr is not None and float(gr.abs().sum()) > 0 for gr in grads[:3]), "no gradient reaches the renders"
-    assert all(gr is None for gr in grads[3:]), "the loss depends on the guidance's own weights"
+    n = len(leaves)
+    assert any(gr is not None and float(gr.abs().sum()) > 0 for gr in grads[:n]), "no gradient reaches the inputs"
+    assert all(gr is None for gr in grads[n:]), "the loss depends on the guidance's own weights"
     frozen = [p for p in g.parameters() if not p.requires_grad]
     prior = getattr(g, "prior", None)
     frozen += list(prior.parameters()) if prior is not None else []

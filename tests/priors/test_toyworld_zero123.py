@@ -223,3 +223,88 @@ def test_a_flattened_encoder_keeps_where_the_features_are():
     with pytest.raises(ConfigError):
         ToyZero123(TINY_ARCH, {"encoder_pool": "max"})
     assert Zero123TwinConfig().encoder_pool == "mean"
+
+
+def test_object_frame_camera_turns_the_relative_azimuth_by_the_estimated_pose():
+    from lift3d.priors.toyworld.zero123 import object_frame_camera
+
+    el, d = torch.tensor([20.0, 5.0]), torch.tensor([2.0, 1.9])
+    rel = camera_vector(el, torch.tensor([90.0, -30.0]), d)
+    pose = torch.tensor([[1.0, 0.0], [-3.0, 3.0]])  # input at 90 degrees; at -45 (unnormalised)
+    out = object_frame_camera(rel, pose)
+    assert torch.allclose(out, camera_vector(el, torch.tensor([180.0, -75.0]), d), atol=1e-5)
+
+
+def test_a_pose_head_starts_at_the_front_and_its_loss_supervises_the_input_azimuth(tmp_path):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ToyZero123(TINY_ARCH, {"encoder_channels": [8, 16], "pose_head": True})
+        plain = ToyZero123(TINY_ARCH, {"encoder_channels": [8, 16]})
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pose_head.")})
+    x, t, image, cam, icam = _inputs(2)
+    with torch.no_grad():  # at the start the input is taken as the front view: the model without a head
+        assert torch.equal(model(x, t, image, cam, icam), plain(x, t, image, cam, icam))
+        model.pose_head[-1].bias.copy_(torch.tensor([1.0, 0.0]))  # now: the input seen from azimuth 90
+        turned = model(x, t, image, cam, icam)
+        from lift3d.priors.toyworld.zero123 import object_frame_camera
+        expected = plain(x, t, image, object_frame_camera(cam, torch.tensor([[1.0, 0.0]] * 2)), icam)
+    assert torch.allclose(turned, expected, atol=1e-5)
+    assert any(p is model.pose_head[-1].bias for p in model.new_parameters())
+
+    ds = PairDataset(2, 0, 2, 4, 16, tmp_path / "cache")
+    batch = ds.batch(0)
+    sched = make_scheduler(model.cfg)
+    base = pair_loss(model, sched, batch, torch.Generator().manual_seed(0), 4)
+    posed = pair_loss(model, sched, batch, torch.Generator().manual_seed(0), 4, pose_weight=3.0)
+    az = torch.deg2rad(batch["azimuth"])
+    with torch.no_grad():
+        pose = model.input_pose(batch["image"], input_camera(batch["elevation"], batch["distance"]))
+    want = torch.nn.functional.mse_loss(pose, torch.stack([torch.sin(az), torch.cos(az)], dim=-1))
+    assert torch.allclose(posed - base, 3.0 * want, rtol=1e-5)
+    with pytest.raises(ValueError, match="pose head"):
+        plain.input_pose(image, icam)
+
+
+def test_pose_weight_without_a_pose_head_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="pose_head"):
+        train_zero123({"init_from": None, "model": _TINY["TINY_Z123_PRIOR"], "pose_weight": 1.0, "steps": 1,
+                       "out_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "num_groups": 2,
+                       "groups_per_batch": 1}, progress=False)
+
+
+def test_pose_pretraining_fits_the_head_once_and_a_resumed_run_matches(tmp_path):
+    from lift3d.priors.toyworld.zero123 import pretrain_pose
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        init = ToyWorldPrior(TINY_ARCH).save(tmp_path / "single.safetensors")
+    ds = PairDataset(2, 0, 8, 4, 16, str(tmp_path / "cache"))
+    data = dict(ds.data())
+    # views that show their azimuth plainly: a bright square whose place on the image follows it
+    az = torch.deg2rad(data["azimuth"])
+    image = torch.zeros_like(data["image"])
+    for i, (row, col) in enumerate(zip(((az.sin() + 1) * 5.5).long(), ((az.cos() + 1) * 5.5).long())):
+        image[i, row:row + 4, col:col + 4] = 255
+    data["image"] = image
+    model = ToyZero123.from_single_view(init, {"encoder_channels": [8, 16], "pose_head": True,
+                                               "encoder_pool": "flatten"})
+    unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    losses = pretrain_pose(model, data, 150, 16, 3e-3, seed=0)
+    # 0.5 is the loss of knowing nothing
+    assert sum(losses[-10:]) / 10 < 0.2 and sum(losses[:10]) / 10 > 0.4, losses
+    assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in unet_before.items())  # the head alone
+
+    base = {"init_from": str(init), "steps": 6, "groups_per_batch": 2, "num_groups": 8, "warmup_steps": 2,
+            "ckpt_every": 3, "log_every": 3, "cache_dir": str(tmp_path / "cache"), "pose_weight": 1.0,
+            "encoder": {"encoder_channels": [8, 16], "pose_head": True}, "pose_pretrain_steps": 4,
+            "pose_pretrain_batch": 8}
+    full = train_zero123({**base, "out_dir": str(tmp_path / "a")}, progress=False)
+    assert (tmp_path / "a" / "pose_pretrain.csv").read_text().count("\n") == 5
+    train_zero123({**base, "stop_after": 3, "out_dir": str(tmp_path / "b")}, progress=False)
+    (tmp_path / "b" / "pose_pretrain.csv").unlink()
+    resumed = train_zero123({**base, "out_dir": str(tmp_path / "b")}, progress=False)
+    assert not (tmp_path / "b" / "pose_pretrain.csv").exists()  # a resumed run does not pre-train again
+    sa, sb = ToyZero123.load(full).state_dict(), ToyZero123.load(resumed).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ConfigError, match="pose head"):
+        train_zero123({**base, "encoder": {}, "pose_weight": 0.0, "out_dir": str(tmp_path / "c")}, progress=False)

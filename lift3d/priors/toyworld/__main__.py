@@ -1,8 +1,9 @@
 """``python -m lift3d.priors.toyworld {train,sample,eval,render-image,train-mv,eval-mv,train-zero123,eval-zero123,
-train-viewdiff}``: the toy-world prior's command line (``train-mv`` / ``eval-mv``: the multi-view prior,
-:mod:`lift3d.priors.toyworld.multiview`; ``train-zero123`` / ``eval-zero123``: the image-conditioned
+train-viewdiff,train-points,eval-points}``: the toy-world prior's command line (``train-mv`` / ``eval-mv``: the
+multi-view prior, :mod:`lift3d.priors.toyworld.multiview`; ``train-zero123`` / ``eval-zero123``: the image-conditioned
 one, :mod:`lift3d.priors.toyworld.zero123`; ``train-viewdiff``: the toy ViewDiff,
-:mod:`lift3d.priors.toyworld.viewdiff`)."""
+:mod:`lift3d.priors.toyworld.viewdiff`; ``train-points`` / ``eval-points``: the toy Point-E,
+:mod:`lift3d.priors.toyworld.points`)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,21 @@ def main(argv: list[str] | None = None) -> int:
                      "'packaged' (recipe-viewdiff.yaml beside the model card), a YAML file of train-viewdiff keys, "
                      "or 'none': the train-viewdiff defaults with the overrides alone",
                      "copy the final weights to weights/toyworld-viewdiff.safetensors (only when the run is complete)")
+    _training_parser(sub, "train-points", "train (or resume) the toy point-cloud prior (the toy Point-E) from scratch: "
+                     "the packaged recipe-points.yaml with key=value overrides on top",
+                     "threads=2 steps=1500 out_dir=outputs/toyworld-points", "packaged",
+                     "'packaged' (recipe-points.yaml beside the model card), a YAML file of train-points keys, "
+                     "or 'none': the train-points defaults with the overrides alone",
+                     "copy the final weights to weights/toyworld-points.safetensors (only when the run is complete)")
+    ep = sub.add_parser("eval-points", help="sample point clouds of each prompt, write them as PLY files and print "
+                        "their Chamfer distance to the exact surface and the front check")
+    ep.add_argument("--weights", default=None, help="toy point prior safetensors file (default: "
+                    "weights/toyworld-points)")
+    ep.add_argument("--out", default="outputs/toyworld-eval-points", help="folder for the PLY files")
+    ep.add_argument("--points", type=int, default=None, help="points per cloud (default: the model's n_ctx)")
+    ep.add_argument("--threads", type=int, default=None)
+    _sampling_options(ep, 4, "clouds per prompt", "outputs/toyworld-eval-points.png")
+    ep.set_defaults(steps=64, guidance_scale=3.0)
     args = p.parse_args(argv)
 
     if args.cmd == "render-image":
@@ -135,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             return _multiview(args)
         if args.cmd in ("train-zero123", "eval-zero123"):
             return _zero123(args)
+        if args.cmd in ("train-points", "eval-points"):
+            return _points(args)
         if args.cmd == "train-viewdiff":
             from lift3d.priors.toyworld import viewdiff as vd
 
@@ -229,6 +247,30 @@ def _zero123(args: argparse.Namespace) -> int:
     scores = z.evaluate_novel_views(model, args.prompts, args.n, (el, az), args.steps, args.guidance_scale, args.seed)
     print(format_table(scores))
     z.save_novel_view_grid(model, Path(args.grid), seed=args.seed, input_camera_deg=(el, az))
+    print(f"grid: {args.grid}")
+    return 0
+
+
+def _points(args: argparse.Namespace) -> int:
+    """``train-points`` and ``eval-points`` (errors are reported by the caller)."""
+    from lift3d.priors.toyworld import points as pts
+
+    if args.cmd == "train-points":
+        recipe = {"packaged": None, "none": {}}.get(args.recipe, args.recipe)
+        final = pts.train_points_recipe(recipe, _overrides(args.overrides))
+        if args.install:
+            _install(final, final.name == pts.FINAL_POINTS_NAME, pts.DEFAULT_POINTS_WEIGHTS, "toyworld-points")
+        return 0
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = pts.ToyPointPrior.load(args.weights).eval()
+    scores = pts.evaluate_points(model, args.prompts, args.n, args.steps, args.guidance_scale, args.seed, args.out,
+                                 args.points)
+    print(pts.format_point_table(scores))
+    pts.save_cloud_grid(model, Path(args.grid), seed=args.seed)
+    print(f"clouds: {args.out}")
     print(f"grid: {args.grid}")
     return 0
 

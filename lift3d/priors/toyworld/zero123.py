@@ -54,6 +54,7 @@ FINAL_Z123_NAME = "toyworld-zero123.safetensors"
 Z123_TRAIN_COMMAND = "python -m lift3d.priors.toyworld train-zero123 threads=2 --install"
 Z123_CACHE_VERSION = 1
 _PAIR_TAG = 0x7A31
+_POSE_TAG = 0x9053
 
 
 @dataclass
@@ -63,6 +64,11 @@ class Zero123TwinConfig:
     encoder_pool: Literal["mean", "flatten"] = "mean"
     """How the encoder's last feature map becomes a vector: its mean (position lost) or all of it
     flattened (where each feature is stays known: which side a nose or a handle is on)."""
+    pose_head: bool = False
+    """Estimate, from the encoder's features, the input view's azimuth in the object's own frame (as
+    its sine and cosine) and give the UNet the target camera in that frame: the camera vector and rays
+    the single-view prior was trained on. Supervised by the rendered azimuth during fine-tuning
+    (``pose_weight``); the model is still told only the camera change from the input."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +87,15 @@ def input_camera(elevation: Tensor, distance: Tensor) -> Tensor:
     from lift3d.priors.toyworld.data import DISTANCE_CENTRE, DISTANCE_HALF_RANGE
 
     return torch.stack([elevation / 90.0, (distance - DISTANCE_CENTRE) / DISTANCE_HALF_RANGE], dim=-1)
+
+
+def object_frame_camera(camera: Tensor, pose: Tensor) -> Tensor:
+    """[B, 4] relative camera vectors turned by the input's estimated azimuth ``pose`` [B, 2] (sin,
+    cos; normalised here): the target's camera in the object's frame."""
+    sc = F.normalize(pose.float(), dim=-1, eps=1e-6).to(camera.dtype)
+    s_in, c_in = sc[:, 0], sc[:, 1]
+    s_rel, c_rel = camera[:, 1], camera[:, 2]
+    return torch.stack([camera[:, 0], s_rel * c_in + c_rel * s_in, c_rel * c_in - s_rel * s_in, camera[:, 3]], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,10 +129,18 @@ class ToyZero123(ToyWorldPrior):
         self.image_proj = nn.Sequential(nn.Linear(c_in + 2, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         nn.init.zeros_(self.image_proj[-1].weight)
         nn.init.zeros_(self.image_proj[-1].bias)
+        self.pose_head = None
+        if self.z_cfg.pose_head:
+            # its last layer starts at (sin, cos) = (0, 1): the input taken as the object's front view
+            self.pose_head = nn.Sequential(nn.Linear(c_in + 2, emb_dim), nn.SiLU(), nn.Linear(emb_dim, 2))
+            nn.init.zeros_(self.pose_head[-1].weight)
+            with torch.no_grad():
+                self.pose_head[-1].bias.copy_(torch.tensor([0.0, 1.0]))
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The parameters the single-view prior does not have (they start at zero or random)."""
-        return [self.unet.conv_in.view.weight, *self.image_encoder.parameters(), *self.image_proj.parameters()]
+        head = [] if self.pose_head is None else list(self.pose_head.parameters())
+        return [self.unet.conv_in.view.weight, *self.image_encoder.parameters(), *self.image_proj.parameters(), *head]
 
     def lr_groups(self, cfg: Any) -> list[dict[str, Any]]:
         """Optimizer groups for :func:`lift3d.priors.toyworld.train.fit`: the new layers learn
@@ -126,20 +149,37 @@ class ToyZero123(ToyWorldPrior):
         return [{"params": [p for p in self.parameters() if id(p) not in new]},
                 {"params": self.new_parameters(), "lr_scale": float(getattr(cfg, "new_lr_scale", 1.0))}]
 
-    def image_embedding(self, image: Tensor, input_cam: Tensor) -> Tensor:
-        """[B, 3, H, W], [B, 2] -> [B, D]: the input view's contribution to the conditioning vector."""
+    def image_features(self, image: Tensor, input_cam: Tensor) -> Tensor:
+        """[B, 3, H, W], [B, 2] -> [B, F]: the encoder's pooled features and the input's camera."""
         feats = self.image_encoder(image)
         feats = feats.mean(dim=(2, 3)) if self.z_cfg.encoder_pool == "mean" else feats.flatten(1)
-        return self.image_proj(torch.cat([feats, input_cam.to(feats.dtype)], dim=-1))
+        return torch.cat([feats, input_cam.to(feats.dtype)], dim=-1)
+
+    def image_embedding(self, image: Tensor, input_cam: Tensor) -> Tensor:
+        """[B, 3, H, W], [B, 2] -> [B, D]: the input view's contribution to the conditioning vector."""
+        return self.image_proj(self.image_features(image, input_cam))
+
+    def input_pose(self, image: Tensor, input_cam: Tensor) -> Tensor:
+        """[B, 2]: the pose head's raw (sin, cos) of the input view's azimuth in the object's frame."""
+        if self.pose_head is None:
+            raise ValueError("this toy Zero123 has no pose head (toyworld.zero123.pose_head: false)")
+        return self.pose_head(self.image_features(image, input_cam))
 
     def forward(self, x: Tensor, t: Tensor, image: Tensor, camera: Tensor, input_cam: Tensor,  # type: ignore[override]
                 drop_image: Tensor | None = None) -> Tensor:
         image = image.to(x.dtype)
-        emb = self.image_embedding(image, input_cam)
+        feats = self.image_features(image, input_cam)
+        emb = self.image_proj(feats)
         if drop_image is not None:
             keep = (~drop_image).to(x.dtype)
             image = image * keep.view(-1, 1, 1, 1)
             emb = emb * keep[:, None]
+        if self.pose_head is not None:
+            # the dropped rows too: classifier-free guidance then contrasts the input's identity alone,
+            # both branches drawn at the same camera, as the single-view prior's guidance is. Detached:
+            # the head learns from the rendered azimuths alone; the denoising loss's gradient through a
+            # near-zero (sin, cos), amplified by its normalisation, kept it from learning (model card)
+            camera = object_frame_camera(camera, self.pose_head(feats).detach())
         null = self.text_proj(self.null_text)[None]
         cond = null + emb + self.camera_mlp(self.camera_features(camera.to(x.dtype)))
         return self.denoise(x, t, cond, camera, extra=image)
@@ -303,6 +343,7 @@ def split_pairs(batch: dict[str, Tensor], n_targets: int) -> dict[str, Tensor]:
         "camera": relative_camera(batch["elevation"][tgt], batch["azimuth"][tgt], batch["distance"][tgt],
                                   batch["azimuth"][inp]),
         "input_cam": input_camera(batch["elevation"][inp], batch["distance"][inp]),
+        "input_azimuth": batch["azimuth"][inp],
     }
     if "feature_region" in batch:
         out["feature_region"] = batch["feature_region"][tgt]
@@ -310,7 +351,8 @@ def split_pairs(batch: dict[str, Tensor], n_targets: int) -> dict[str, Tensor]:
 
 
 def pair_loss(model: ToyZero123, sched: Any, batch: dict[str, Tensor], g: torch.Generator, n_targets: int,
-              feature_weight: float = 0.0, autocast: str | None = None, align_weight: float = 0.0) -> Tensor:
+              feature_weight: float = 0.0, autocast: str | None = None, align_weight: float = 0.0,
+              pose_weight: float = 0.0) -> Tensor:
     """The denoising loss of the targets given their input views: the single-view prior's target
     (v or epsilon MSE on the same schedule), one timestep, noise and input-view drop per target, all
     drawn from ``g``; the front-feature pixels weigh ``1 + feature_weight``.
@@ -318,7 +360,12 @@ def pair_loss(model: ToyZero123, sched: Any, batch: dict[str, Tensor], g: torch.
     ``align_weight`` adds the image embedding's squared distance to what the object's prompt adds to
     the text-dropped conditioning of the prior (both [D]; the target detached), per input view: the
     toy analogue of CLIP, whose image embeddings sit where the text's do, so the UNet reads the
-    input's identity in a language it already knows."""
+    input's identity in a language it already knows.
+
+    ``pose_weight`` adds the pose head's squared error to the (sin, cos) of the rendered azimuth, for
+    every view of the batch (input views and targets alike: more views of the few objects whose front
+    shows than the input views alone give). Views of a symmetric object do not tell their azimuth; the least-squares answer there is
+    a short vector, whose direction (and so the camera it turns) matters as little as the view."""
     from lift3d.priors.toyworld.train import _autocast_enabled
 
     p = split_pairs(batch, n_targets)
@@ -345,6 +392,11 @@ def pair_loss(model: ToyZero123, sched: Any, batch: dict[str, Tensor], g: torch.
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=_autocast_enabled(autocast)):
             emb = model.image_embedding(batch["image"][first], p["input_cam"][::n_targets])
         loss = loss + align_weight * F.mse_loss(emb.float(), text.float())
+    if pose_weight:  # every view of the batch, targets too: each is a render at a known azimuth
+        az = torch.deg2rad(batch["azimuth"].float())
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=_autocast_enabled(autocast)):
+            pose = model.input_pose(batch["image"], input_camera(batch["elevation"], batch["distance"]))
+        loss = loss + pose_weight * F.mse_loss(pose.float(), torch.stack([torch.sin(az), torch.cos(az)], dim=-1))
     return loss
 
 
@@ -366,6 +418,17 @@ class Zero123TrainConfig(GroupFineTuneConfig):
     """Share of input views lit from their camera (the rest: as the training data)."""
     align_weight: float = 0.0
     """Weight of the image embedding's alignment to the prompt's text embedding (:func:`pair_loss`)."""
+    pose_weight: float = 0.0
+    """Weight of the pose head's error on the views' azimuths (:func:`pair_loss`; needs
+    ``encoder.pose_head``)."""
+    pose_pretrain_steps: int = 0
+    """Before the fine-tune (a fresh run only; a resumed one has them in its checkpoint): steps that
+    fit the input encoder and the pose head alone to the azimuths of random views of the whole data
+    set (:func:`pretrain_pose`)."""
+    pose_pretrain_batch: int = 128
+    """Views a pose pre-training step."""
+    pose_pretrain_lr: float = 1.0e-3
+    """Adam's learning rate in the pose pre-training."""
     encoder: dict[str, Any] = field(default_factory=dict)
     """Zero123TwinConfig of the input view's encoder (a start from a single-view file only)."""
     new_lr_scale: float = 1.0
@@ -398,25 +461,61 @@ def train_zero123(cfg: Zero123TrainConfig | dict, progress: bool = True) -> Path
 
     cfg = parse_structured(Zero123TrainConfig, cfg, key="train-zero123")
     check_counts(cfg, "train-zero123", ("steps", "groups_per_batch", "n_targets", "num_groups", "ckpt_every",
-                                        "log_every"))
+                                        "log_every", "pose_pretrain_batch"))
     _focus_indices(list(cfg.focus_prompts))  # unknown prompts fail before anything is built
     start_run(cfg, progress)
     model = initial_model(cfg)
+    if cfg.pose_weight and model.pose_head is None:
+        raise ConfigError(f"train-zero123: pose_weight={cfg.pose_weight} trains a pose head, but the model has none: "
+                          "set encoder.pose_head=true (a start from a single-view file) or pose_weight=0")
+
+    cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lift3d", "toyworld")
+    ds = PairDataset(cfg.groups_per_batch, cfg.seed, cfg.num_groups, cfg.n_targets, model.cfg.resolution, cache,
+                     cfg.focus_prompts, cfg.focus_fraction, cfg.input_headlight, feature_regions=bool(cfg.feature_weight))
+    if cfg.pose_pretrain_steps and not (Path(cfg.out_dir) / "ckpt.pt").exists():
+        if model.pose_head is None:
+            raise ConfigError("train-zero123: pose_pretrain_steps needs a pose head: set encoder.pose_head=true")
+        losses = pretrain_pose(model, ds.data(), cfg.pose_pretrain_steps, cfg.pose_pretrain_batch, cfg.pose_pretrain_lr,
+                               cfg.seed)
+        with open(Path(cfg.out_dir) / "pose_pretrain.csv", "w") as fh:
+            fh.write("step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
 
     def batches() -> Callable[[int], dict[str, Tensor]]:
-        cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lift3d", "toyworld")
-        ds = PairDataset(cfg.groups_per_batch, cfg.seed, cfg.num_groups, cfg.n_targets, model.cfg.resolution, cache,
-                         cfg.focus_prompts, cfg.focus_fraction, cfg.input_headlight,
-                         feature_regions=bool(cfg.feature_weight))
         ds.data()
         return lambda step: epoch_batch(ds, step)
 
     def loss_at(model: ToyZero123, sched: Any, batch: dict[str, Tensor], step: int) -> Tensor:
         return pair_loss(model, sched, batch, _step_generator(cfg.seed, step, 1), cfg.n_targets, cfg.feature_weight,
-                         cfg.autocast, cfg.align_weight)
+                         cfg.autocast, cfg.align_weight, cfg.pose_weight)
 
     return fit(cfg, model, batches, loss_at, save_novel_view_grid, name=FINAL_Z123_NAME.removesuffix(".safetensors"),
                desc="toyworld zero123", extra_metadata={"init_from": str(cfg.init_from)}, progress=progress)
+
+
+def pretrain_pose(model: ToyZero123, data: dict[str, Tensor], steps: int, batch_size: int, lr: float,
+                  seed: int) -> list[float]:
+    """Fit the input encoder and the pose head (nothing else) to the rendered azimuths of ``data``'s
+    views (every view of every group, :meth:`PairDataset.data`), ``batch_size`` views drawn at random a
+    step from a generator seeded by ``seed``; returns the loss of each step. A few views a fine-tune
+    step are too few for the head: the objects whose front shows are a quarter of the data."""
+    from lift3d.priors.toyworld.data import collate
+
+    params = [*model.image_encoder.parameters(), *model.pose_head.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + _POSE_TAG)
+    n = data["image"].shape[0]
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch_size,), generator=g)
+        b = collate({k: v[idx] for k, v in data.items()})
+        az = torch.deg2rad(b["azimuth"].float())
+        pose = model.input_pose(b["image"], input_camera(b["elevation"], b["distance"]))
+        loss = F.mse_loss(pose, torch.stack([torch.sin(az), torch.cos(az)], dim=-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def load_z123_recipe(source: str | Path | dict | None = None) -> dict[str, Any]:
@@ -518,6 +617,6 @@ def evaluate_novel_views(model: ToyZero123, prompts: list[str] | None = None, n_
 
 
 __all__ = ["DEFAULT_Z123_WEIGHTS", "Z123_META_KEY", "Z123_TRAIN_COMMAND", "Zero123TwinConfig", "ToyZero123",
-           "relative_camera", "input_camera", "sample_novel_views", "sample_pair_params", "PairDataset", "split_pairs",
-           "pair_loss", "Zero123TrainConfig", "train_zero123", "train_zero123_recipe", "load_z123_recipe",
+           "relative_camera", "input_camera", "object_frame_camera", "sample_novel_views", "sample_pair_params", "PairDataset", "split_pairs",
+           "pair_loss", "pretrain_pose", "Zero123TrainConfig", "train_zero123", "train_zero123_recipe", "load_z123_recipe",
            "evaluate_novel_views", "save_novel_view_grid"]
