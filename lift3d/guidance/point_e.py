@@ -4,7 +4,7 @@ GSGEN (Chen et al., CVPR 2024, "Text-to-3D using Gaussian Splatting") adds to th
 3D one: Point-E (Nichol et al. 2022), a diffusion model of coloured point clouds of 1024 points,
 scores the Gaussian centres directly, which keeps the geometry plausible from every side (fewer
 Janus faces) while the image prior adds detail. This guidance is that 3D SDS, written against the
-:mod:`lift3d.priors.point_e` prior (or any prior with the same methods, see :meth:`_load_prior`):
+:mod:`lift3d.priors.point_e` prior (or any prior with the same methods, see :meth:`build_prior`):
 
 * **Input.** ``requires()`` is ``{"points"}``: the system fills ``inp.points`` [N, 3] and
   ``inp.point_colors`` [N, 3] from ``geometry.guidance_points()`` (Gaussian splatting); a geometry
@@ -43,7 +43,7 @@ GSGEN's initialisation does.
 
 The prior talks through: ``schedule.alphas_cumprod()``, ``schedule.to_model_space(xyz, rgb)``,
 ``encode_text(prompts)``, ``predict_eps(x_t, t, cond)`` and ``model.cfg.n_ctx`` (plus, for
-initialisation, :meth:`_sample_cloud`). A subclass swaps the prior by overriding :meth:`_load_prior`
+initialisation, :meth:`_sample_cloud`). A subclass swaps the prior by overriding :meth:`build_prior`
 (and :meth:`resolve` for its own weights).
 """
 
@@ -190,9 +190,6 @@ class PointEGuidance(DiffusionGuidance):
         self.__dict__["_cond_cache"] = {}
 
     def build_prior(self) -> Any:
-        return self._load_prior()
-
-    def _load_prior(self) -> Any:
         """The frozen prior. Override to swap it (a toy prior with the same methods)."""
         from lift3d.priors.point_e import PointEPrior
         from lift3d.utils.hub import MissingWeightsError

@@ -3,7 +3,7 @@
 ``toyworld-point-e-guidance`` is ``point-e-guidance`` (:mod:`lift3d.guidance.point_e`: farthest-point
 subsets of the geometry's points, 3D SDS with ``1 - a_t`` weighting, CFG against the all-zero
 condition) with its prior swapped for the toy twin of Point-E
-(:class:`lift3d.priors.toyworld.points.ToyPointPrior`), through the parent's ``_load_prior`` hook:
+(:class:`lift3d.priors.toyworld.points.ToyPointPrior`), through the parent's ``build_prior`` hook:
 
 * Weights: ``pretrained`` (default: ``lift3d/priors/toyworld/weights/toyworld-points.safetensors``,
   made by ``python -m lift3d.priors.toyworld train-points threads=2 --install``). There is no CLIP
@@ -90,7 +90,7 @@ class ToyWorldPointEGuidance(PointEGuidance):
             raise ConfigError(f"{key}.init_clouds must be >= 1, got {c.init_clouds}")
         super().configure()
 
-    def _load_prior(self) -> Any:
+    def build_prior(self) -> Any:
         from lift3d.priors.toyworld.points import ToyPointPrior
 
         files = self.resolve(self.cfg, self._cfg_key)

@@ -78,7 +78,7 @@ class StubGuidance(PointEGuidance):
     def resolve(cls, cfg, key="system.guidance"):
         return None
 
-    def _load_prior(self):
+    def build_prior(self):
         return StubPrior()
 
 
