@@ -6,10 +6,11 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= a red cube
 DEMO_CONFIG ?= configs/tiny/dreamgaussian.yaml
+APP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lift3d-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo app bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python launch.py --config $(DEMO_CONFIG) --train prompt="$(PROMPT)"
+
+app: $(STAMP)
+	$(BIN)/python -m lift3d.app $(APP_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/fields.py

@@ -392,6 +392,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[D
     """
     cfg, prov = _load_file(Path(path), ())
     if overrides:
+        # A shell turns prompt="" into `prompt=`, which YAML reads as null: for the prompt (a string
+        # always) it means the empty prompt, as written.
+        overrides = ["prompt=''" if o == "prompt=" else o for o in overrides]
         cli = parse_overrides(overrides)
         values = [(item.split("=", 1)[0], _override_value(item)) for item in overrides]
 

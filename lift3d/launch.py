@@ -426,6 +426,7 @@ def run(argv: list[str] | None = None, threads: Optional[int] = None) -> int:
     import lightning.pytorch as pl
 
     from lift3d.utils.checkpoint import AtomicCheckpointIO, LastCheckpoint, Lift3DProgressBar
+    from lift3d.utils.progress import ProgressFile
 
     _quiet_lightning(args.verbose)
     # Everything is checked before anything is written: a bad config, prompt, image or checkpoint
@@ -506,7 +507,8 @@ def run(argv: list[str] | None = None, threads: Optional[int] = None) -> int:
         precision=cfg.trainer.precision,
         default_root_dir=str(trial),
         logger=logger,
-        callbacks=[ckpt_cb] + ([Lift3DProgressBar(verbose=args.verbose)] if cfg.trainer.enable_progress_bar else []),
+        callbacks=[ckpt_cb, ProgressFile(trial / "logs" / "progress.json")]
+        + ([Lift3DProgressBar(verbose=args.verbose)] if cfg.trainer.enable_progress_bar else []),
         enable_checkpointing=False,
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         enable_model_summary=args.verbose,
@@ -565,6 +567,11 @@ def choose_launch_threads(argv: list[str] | None) -> Optional[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["app"]:  # ``lift3d app``: the web page (lift3d.app), sharing the console script
+        from lift3d.app.__main__ import main as app_main
+
+        sys.exit(app_main(words[1:]))
     try:
         threads = choose_launch_threads(argv)
     except ConfigError as exc:

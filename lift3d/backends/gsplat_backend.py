@@ -54,7 +54,7 @@ def camera_to_gsplat(c2w: Tensor, fovy_deg: Tensor, height: int, width: int) -> 
 
 def render(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor, c2w: Tensor,
            fovy: Tensor, height: int, width: int, near_plane: float = 0.01, eps2d: float = 0.3,
-           **kwargs: Any) -> dict[str, Tensor]:
+           rasterize_mode: str = "classic", **kwargs: Any) -> dict[str, Tensor]:
     """Same contract as :func:`lift3d.renderers.splatting.render_gaussians` (rgb, opacity, depth over zero).
 
     means [N, 3]; quats [N, 4] wxyz; scales [N, 3] activated; opacities [N]; colors [B, N, 3] or [N, 3].
@@ -69,7 +69,7 @@ def render(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colo
         colors = colors[None].expand(B, -1, -1)
     img, alpha, meta = _gsplat.rasterization(
         means, quats, scales, opacities.reshape(-1), colors, viewmats, Ks, width, height,
-        near_plane=near_plane, eps2d=eps2d, packed=False, render_mode="RGB+D", rasterize_mode="classic",
+        near_plane=near_plane, eps2d=eps2d, packed=False, render_mode="RGB+D", rasterize_mode=rasterize_mode,
         **kwargs,
     )
     means2d = meta["means2d"]

@@ -67,7 +67,9 @@ def project_gaussians(
     Returns:
         means2d [B, N, 2] pixel coordinates (u, v); conics [B, N, 3] inverse 2D covariance (a, b, c)
         with ``cov^-1 = [[a, b], [b, c]]``; depths [B, N] (distance along the view axis);
-        radii [B, N] long (3-sigma pixel radius, 0 for culled Gaussians); cov2d [B, N, 2, 2].
+        radii [B, N] long (3-sigma pixel radius, 0 for culled Gaussians); cov2d [B, N, 2, 2] (dilated);
+        compensation [B, N]: sqrt(det(cov) / det(cov + eps2d I)), the factor by which the antialiased
+        mode scales opacities so that the dilation spreads a Gaussian's weight instead of adding to it.
     """
     R = w2c[:, :3, :3]  # [B, 3, 3]
     t = w2c[:, :3, 3]  # [B, 3]
@@ -91,6 +93,7 @@ def project_gaussians(
     cov3 = covariance_3d(quats, scales)  # [N, 3, 3]
     T = J @ R[:, None]  # [B, N, 2, 3]
     cov2 = T @ cov3[None] @ T.transpose(-1, -2)  # [B, N, 2, 2]
+    det_raw = cov2[..., 0, 0] * cov2[..., 1, 1] - cov2[..., 0, 1] * cov2[..., 0, 1]
     a = cov2[..., 0, 0] + eps2d
     b = cov2[..., 0, 1]
     c = cov2[..., 1, 1] + eps2d
@@ -105,7 +108,9 @@ def project_gaussians(
         on_screen = (u + r > 0) & (u - r < width) & (v + r > 0) & (v - r < height)
         radii = torch.where(ok & on_screen, r, torch.zeros_like(r)).long()
     cov2d = torch.stack([a, b, b, c], -1).reshape(*a.shape, 2, 2)
-    return {"means2d": torch.stack([u, v], -1), "conics": conics, "depths": depth, "radii": radii, "cov2d": cov2d}
+    compensation = torch.sqrt(torch.clamp(det_raw, min=0.0) / det_s)
+    return {"means2d": torch.stack([u, v], -1), "conics": conics, "depths": depth, "radii": radii, "cov2d": cov2d,
+            "compensation": compensation}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +485,7 @@ def render_gaussians(
     cache_elements: int = 1 << 23,
     dense: bool = False,
     viewspace_points: Tensor | None = None,
+    rasterize_mode: str = "classic",
 ) -> dict[str, Tensor]:
     """Render Gaussians with the torch path.
 
@@ -489,6 +495,8 @@ def render_gaussians(
         viewspace_points: optional [B, N, 2] zeros with requires_grad; its gradient becomes the
         gradient of the projected means in NDC units (pixels * 2 / size), for densification.
         dense: use the naive all-pixels baseline instead of tiles.
+        rasterize_mode: 'classic' (3DGS: the dilation adds coverage) or 'antialiased' (opacities
+        scaled by the projection's ``compensation``, as Mip-Splatting and gsplat's mode of that name).
     Returns:
         rgb [B,H,W,3] (over zero), opacity [B,H,W,1], depth [B,H,W,1] (sum of alpha-weighted view
         depths, over zero), means2d [B,N,2], radii [B,N].
@@ -504,6 +512,10 @@ def render_gaussians(
         means2d = means2d + viewspace_points * means2d.new_tensor([0.5 * width, 0.5 * height])
     N = means.shape[0]
     op = opacities.reshape(1, N).expand(B, N)
+    if rasterize_mode == "antialiased":
+        op = op * proj["compensation"]
+    elif rasterize_mode != "classic":
+        raise ValueError(f"rasterize_mode must be 'classic' or 'antialiased', got {rasterize_mode!r}")
     col = colors if colors.ndim == 3 else colors[None].expand(B, N, colors.shape[-1])
     feats = torch.cat([col, proj["depths"][..., None], torch.ones_like(proj["depths"][..., None])], -1)
     fn = rasterize_gaussians_dense if dense else rasterize_gaussians
@@ -539,6 +551,10 @@ class GaussianSplattingRenderer(BaseRenderer):
         """Gaussians closer than this to the camera plane are culled."""
         eps2d: float = 0.3
         """Dilation (pixels^2) added to the 2D covariance diagonal, as 3DGS, so every Gaussian covers a pixel."""
+        rasterize_mode: Literal["classic", "antialiased"] = "classic"
+        """'classic': the dilation adds coverage (3DGS), so Gaussians smaller than a pixel render more opaque
+        than their 3D density; 'antialiased': opacities scaled by sqrt(det(cov) / det(cov + eps2d)) so they
+        do not (Mip-Splatting; gsplat's mode of the same name), keeping renders and extracted meshes alike."""
         alpha_min: float = 0.00392156862745098
         """Alphas below this (1/255) are skipped."""
         alpha_max: float = 0.99
@@ -591,7 +607,7 @@ class GaussianSplattingRenderer(BaseRenderer):
                 raise RuntimeError("gaussian-splatting-renderer: backend 'gsplat' needs gsplat installed and CUDA tensors")
             r = gsplat_backend.render(
                 geo.xyz, geo.rotation, geo.get_scaling, geo.get_opacity.squeeze(-1), colors, c2w, fovy, height, width,
-                near_plane=self.cfg.near_plane, eps2d=self.cfg.eps2d)
+                near_plane=self.cfg.near_plane, eps2d=self.cfg.eps2d, rasterize_mode=self.cfg.rasterize_mode)
             vs = r["means2d"]
             vs_scale = torch.tensor([0.5 * width, 0.5 * height], device=dev)
         else:
@@ -602,7 +618,8 @@ class GaussianSplattingRenderer(BaseRenderer):
                 alpha_min=self.cfg.alpha_min, alpha_max=self.cfg.alpha_max,
                 transmittance_min=self.cfg.transmittance_min, chunk_elements=self.cfg.chunk_elements,
                 cache_elements=self.cfg.cache_elements,
-                dense=self.cfg.dense, viewspace_points=vs if vs.requires_grad else None)
+                dense=self.cfg.dense, viewspace_points=vs if vs.requires_grad else None,
+                rasterize_mode=self.cfg.rasterize_mode)
             vs_scale = None
         rgb_fg, opacity = r["rgb"], r["opacity"]
         bg = self._background(bg_color, rays_d, c2w, fovy, height, width, rgb_fg)

@@ -109,6 +109,17 @@ def test_overrides_interpolation_and_resolvers(tmp_path):
     assert prov.source("prompt") == CLI_SOURCE
 
 
+def test_a_bare_prompt_override_is_the_empty_prompt_not_null(tmp_path):
+    # A shell passes prompt="" as `prompt=`, which YAML would read as null.
+    p = _write(tmp_path, "r.yaml", "prompt: a red cube\nseed: 0\n")
+    raw, prov = load_config(p, ["prompt=", "seed=1"])
+    data = resolve(raw, prov)
+    assert data["prompt"] == ""
+    assert data["seed"] == 1
+    raw, _ = load_config(p, ["seed="])  # other keys keep YAML's reading
+    assert raw.seed is None
+
+
 def test_override_must_be_key_value(tmp_path):
     p = _write(tmp_path, "r.yaml", "a: 1\n")
     with pytest.raises(ConfigError, match="key=value"):

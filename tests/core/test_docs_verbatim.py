@@ -51,6 +51,7 @@ DRY_RUN_OK = "[lift3d] dry run OK"
 NOT_RUN = {
     "make test": "it runs this very suite; `make -n test` checks the target exists and runs pytest",
     "make demo": "it trains for a minute; `make -n demo` gives its launch.py command, which is dry-run",
+    "make app": "it serves the web page until stopped; `make -n app` checks the target exists (tests/app drive the page)",
     "make setup": "it installs torch; `make -n setup` checks it creates the .venv the docs activate",
     "source .venv/bin/activate": "it changes the reader's shell; checked against what `make setup` creates",
     "hf download": "it downloads gigabytes; checked: the `hf` command exists beside this Python (huggingface_hub "

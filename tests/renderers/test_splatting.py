@@ -92,6 +92,41 @@ def test_single_isotropic_gaussian_matches_analytic_footprint():
     assert r["depth"][0, c, c, 0].item() == pytest.approx(2.0 * op[c, c].item())
 
 
+def test_antialiased_mode_scales_the_peak_by_the_dilation_compensation():
+    H = W = 33
+    cam = _cams(1, H, W, dist=2.0, fovy=40.0, elev=0.0, az0=0.0, az1=0.0)
+    s, o = 0.004, 0.6  # about a fifth of a pixel wide
+    args = (torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64),
+            torch.full((1, 3), s, dtype=torch.float64), torch.tensor([o], dtype=torch.float64),
+            torch.ones(1, 3, dtype=torch.float64), cam["c2w"], cam["fovy"], H, W)
+    classic = render_gaussians(*args)["opacity"][0, ..., 0]
+    aa = render_gaussians(*args, rasterize_mode="antialiased")["opacity"][0, ..., 0]
+    var0 = (focal_from_fovy(cam["fovy"], H).item() * s / 2.0) ** 2
+    c = H // 2
+    assert classic[c, c].item() == pytest.approx(o, rel=1e-9)
+    assert aa[c, c].item() == pytest.approx(o * var0 / (var0 + 0.3), rel=1e-6)  # sqrt(det ratio) of an isotropic 2x2
+
+
+def test_antialiased_coverage_does_not_depend_on_the_dilation():
+    # A faint Gaussian smaller than a pixel: the summed alpha over the image is its projected weight
+    # o * 2 pi sqrt(det cov2d). Classic mode adds the dilation's area to it; antialiased mode keeps it.
+    H = W = 41
+    cam = _cams(1, H, W, dist=2.0, fovy=40.0, elev=0.0, az0=0.0, az1=0.0)
+    s, o = 0.006, 0.02
+    args = (torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64),
+            torch.full((1, 3), s, dtype=torch.float64), torch.tensor([o], dtype=torch.float64),
+            torch.ones(1, 3, dtype=torch.float64), cam["c2w"], cam["fovy"], H, W)
+    var0 = (focal_from_fovy(cam["fovy"], H).item() * s / 2.0) ** 2
+    kw = {"alpha_min": 1e-9}
+    for eps in (0.3, 1.0):
+        total_aa = render_gaussians(*args, eps2d=eps, rasterize_mode="antialiased", **kw)["opacity"].sum().item()
+        total_classic = render_gaussians(*args, eps2d=eps, **kw)["opacity"].sum().item()
+        assert total_aa == pytest.approx(o * 2 * math.pi * var0, rel=0.02)
+        assert total_classic == pytest.approx(o * 2 * math.pi * (var0 + eps), rel=0.02)
+    with pytest.raises(ValueError, match="rasterize_mode"):
+        render_gaussians(*args, rasterize_mode="mip")
+
+
 def test_projected_mean_matches_mvp_matrix():
     H, W = 40, 56
     cam = _cams(3, H, W, dist=2.2)
@@ -173,12 +208,15 @@ def test_sh_colour_is_view_dependent():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not gsplat_backend.available(),
                     reason="gsplat parity needs CUDA and gsplat installed")
-def test_gsplat_matches_torch_path():
+@pytest.mark.parametrize("mode", ["classic", "antialiased"])
+def test_gsplat_matches_torch_path(mode):
     dev = torch.device("cuda")
     cam = _cams(2, 32, 48, dtype=torch.float32)
     m, q, s, o, c = (t.float().to(dev).requires_grad_() for t in _random_gaussians(100, seed=3))
-    ref = render_gaussians(m, q, s.exp(), torch.sigmoid(o), c, cam["c2w"].to(dev), cam["fovy"].to(dev), 32, 48)
-    gs = gsplat_backend.render(m, q, s.exp(), torch.sigmoid(o), c, cam["c2w"].to(dev), cam["fovy"].to(dev), 32, 48)
+    ref = render_gaussians(m, q, s.exp(), torch.sigmoid(o), c, cam["c2w"].to(dev), cam["fovy"].to(dev), 32, 48,
+                           rasterize_mode=mode)
+    gs = gsplat_backend.render(m, q, s.exp(), torch.sigmoid(o), c, cam["c2w"].to(dev), cam["fovy"].to(dev), 32, 48,
+                               rasterize_mode=mode)
     for k in ("rgb", "opacity", "depth"):
         torch.testing.assert_close(gs[k], ref[k], atol=2e-3, rtol=1e-3)
     up = torch.randn_like(ref["rgb"])
