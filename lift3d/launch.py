@@ -108,6 +108,9 @@ class ExperimentConfig:
     zero123pp_model: str = ""
     """Zero123++ weights (a folder in the published diffusers layout or a Hugging Face id) for recipes
     that interpolate ``${zero123pp_model}``."""
+    syncdreamer_model: str = ""
+    """SyncDreamer's weights (``syncdreamer-pretrain.ckpt``, a .safetensors of its keys, or a folder holding
+    one) for recipes that interpolate ``${syncdreamer_model}``."""
     point_e_model: str = ""
     """Point-E's weights for recipes that interpolate ``${point_e_model}``: a folder holding the published
     ``base_40m_textvec.pt`` (and ``upsample_40m.pt`` where a recipe samples its initial cloud with the

@@ -47,12 +47,35 @@ def accept_upload(manager: RunManager, path: Optional[str], max_mb: float) -> Op
     return dst
 
 
+def prompt_override(prompt: str) -> str:
+    """``prompt=...`` that the launcher reads back as exactly ``prompt``: plain where YAML keeps it a string
+    as typed, else single-quoted (``a: b``, ``#``, ``123``, ``null``, ``[x]``), with ``${`` escaped so
+    that no interpolation runs."""
+    from omegaconf import OmegaConf
+
+    if prompt and "${" not in prompt and "\\" not in prompt:
+        try:
+            if OmegaConf.from_dotlist([f"prompt={prompt}"]).prompt == prompt:
+                return f"prompt={prompt}"
+        except Exception:  # not valid as a plain value: quote it
+            pass
+    quoted = prompt.replace("'", "''").replace("${", "\\${")
+    return f"prompt='{quoted}'"
+
+
+def prompt_of_override(override: str) -> str:
+    """The prompt a ``prompt=...`` override (as :func:`prompt_override` writes it) stands for."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([override]), resolve=False)["prompt"]
+    return "" if value is None else str(value).replace("\\${", "${")
+
+
 def build_overrides(recipe: Any, prompt: str, image: Optional[Path], remove_background: bool,
                     seed: Optional[float], steps: Optional[float], guidance_scale: Optional[float],
                     elevation: Optional[float] = None, azimuth: Optional[float] = None) -> list[str]:
     """The ``key=value`` overrides of a page's form, as one would type them after ``launch.py --train``."""
-    # An empty prompt is written '' (a bare ``prompt=`` reads as null, which the launcher refuses).
-    out = [f"prompt={prompt}" if prompt else "prompt=''"]
+    out = [prompt_override(prompt)]
     if image is not None:
         out.append(f"image={image}")
         if remove_background:
@@ -150,8 +173,8 @@ def build_page(manager: RunManager, book: RecipeBook, max_upload_mb: float = DEF
         cur = manager.current()
         run_id = cur.id if cur is not None else None
         # A page opened on a run shows its prompt (the last prompt= override, as the launcher reads it).
-        prompts = [o.split("=", 1)[1] for o in (cur.overrides if cur is not None else []) if o.startswith("prompt=")]
-        text = prompts[-1] if prompts and prompts[-1] != "''" else ""
+        prompts = [o for o in (cur.overrides if cur is not None else []) if o.startswith("prompt=")]
+        text = prompt_of_override(prompts[-1]) if prompts else ""
         return (run_id, None, gr.Dropdown(choices=recipe_choices()),
                 gr.Dropdown(choices=run_choices(), value=run_id), gr.Dropdown(choices=trial_choices(), value=None),
                 {}, gr.Textbox(value=text) if text else gr.skip())

@@ -37,7 +37,7 @@ from lift3d.registry import register
 from lift3d.utils.cameras import make_cameras
 
 #: The pose tables this module knows, by name: a generator and its version.
-POSE_TABLES = ("zero123pp-v1.1", "zero123pp-v1.2")
+POSE_TABLES = ("zero123pp-v1.1", "zero123pp-v1.2", "syncdreamer")
 
 
 @dataclass
@@ -45,8 +45,9 @@ class MultiviewImagesConfig(SingleImageConfig):
     views_dir: Optional[str] = None
     """A views folder (``cameras.json`` + images) whose cameras the batches use; null: the cameras of
     ``pose_table`` (views the guidance generates). Recipes tie it to the guidance's ``views_dir``."""
-    pose_table: Literal["zero123pp-v1.1", "zero123pp-v1.2"] = "zero123pp-v1.2"
-    """Without ``views_dir``: the generator whose fixed cameras the views have."""
+    pose_table: Literal["zero123pp-v1.1", "zero123pp-v1.2", "syncdreamer"] = "zero123pp-v1.2"
+    """Without ``views_dir``: the generator whose fixed cameras the views have (SyncDreamer: its 16 views,
+    elevation 30, azimuths every 22.5 degrees, field of view 49.13; ``views_fovy_deg`` does not apply)."""
     views_distance: Optional[float] = None
     """Camera distance of the pose table's views (null: the table's, 4 for Zero123++)."""
     views_fovy_deg: Optional[float] = None
@@ -90,6 +91,10 @@ class MultiviewImagesDataModule(SingleImageDataModule):
 
                 entries, _ = read_cameras(cfg.views_dir, f"{key}.views_dir")
                 table = cameras_of(entries)
+            elif cfg.pose_table == "syncdreamer":
+                from lift3d.priors.syncdreamer.cameras import view_table
+
+                table = view_table(cfg.views_distance)
             else:
                 from lift3d.priors.zero123pp.poses import view_cameras
 

@@ -57,6 +57,7 @@ class MultiviewImagesGuidance(DiffusionGuidance):
     """RGB and mask losses of renders against generated views (Zero123++'s, or a views folder's)."""
 
     prior_family = "zero123pp"
+    generator_label = "Zero123++"
 
     @dataclass
     class Config(DiffusionGuidance.Config):
@@ -158,21 +159,27 @@ class MultiviewImagesGuidance(DiffusionGuidance):
                 "view_size": c.view_size, "recenter": c.recenter, "foreground_ratio": c.foreground_ratio,
                 "input_sha256": hashlib.sha256(image_bytes).hexdigest()}
 
+    def _input_image(self, inp: Optional[GuidanceInput], read_image: Any
+                     ) -> tuple[Tensor, Optional[Tensor], bytes]:
+        """The input image: rgb [H, W, 3], alpha [H, W] or None, and bytes identifying it; from
+        ``image_path`` (read by the generator's ``read_image``) or else the batch's reference image."""
+        c = self.cfg
+        if c.image_path:
+            rgb, alpha = read_image(c.image_path, f"{self._cfg_key}.image_path")
+            return rgb, alpha, Path(c.image_path).expanduser().read_bytes()
+        if inp is not None and inp.cond_image is not None:
+            rgb = inp.cond_image[0].detach().float().cpu()
+            alpha = inp.cond_mask[0, ..., 0].detach().float().cpu() if inp.cond_mask is not None else None
+            return rgb, alpha, rgb.numpy().tobytes() + (alpha.numpy().tobytes() if alpha is not None else b"")
+        raise ConfigError(f"{self._cfg_key}.image_path is not set and the batch has no input image: give "
+                          "the image to generate views of (recipes: image_path: ${image}), or views_dir")
+
     def _input(self, inp: Optional[GuidanceInput]) -> tuple[Tensor, bytes]:
         """The conditioning image [1, 3, S, S] as the model sees it, and bytes identifying it."""
         from lift3d.priors.zero123pp.input import prepare_input, read_image
 
         c = self.cfg
-        if c.image_path:
-            rgb, alpha = read_image(c.image_path, f"{self._cfg_key}.image_path")
-            raw = Path(c.image_path).expanduser().read_bytes()
-        elif inp is not None and inp.cond_image is not None:
-            rgb = inp.cond_image[0].detach().float().cpu()
-            alpha = inp.cond_mask[0, ..., 0].detach().float().cpu() if inp.cond_mask is not None else None
-            raw = rgb.numpy().tobytes() + (alpha.numpy().tobytes() if alpha is not None else b"")
-        else:
-            raise ConfigError(f"{self._cfg_key}.image_path is not set and the batch has no input image: give "
-                              "the image to generate views of (recipes: image_path: ${image}), or views_dir")
+        rgb, alpha, raw = self._input_image(inp, read_image)
         return prepare_input(rgb, alpha, recenter_ratio=c.foreground_ratio if c.recenter else None), raw
 
     def generate(self, image: Tensor, device: torch.device, distance: Optional[float], fovy: Optional[float]
@@ -227,7 +234,7 @@ class MultiviewImagesGuidance(DiffusionGuidance):
                 if cache:
                     write_views(cache, vs.rgb.permute(0, 3, 1, 2), vs.cameras, grid=grid, input_image=image[0],
                                 background=c.background_color, record=record)
-                    print(f"[lift3d] Zero123++ views written to {cache}")
+                    print(f"[lift3d] {self.generator_label} views written to {cache}")
         self.__dict__["views"] = vs
         return vs
 
@@ -326,4 +333,130 @@ class MultiviewImagesGuidance(DiffusionGuidance):
                               diagnostics={"psnr": psnr, "mask_iou": inter.float() / union.float()})
 
 
-__all__ = ["MultiviewImagesGuidance"]
+@register("syncdreamer-guidance")
+class SyncDreamerGuidance(MultiviewImagesGuidance):
+    """The same reconstruction losses against SyncDreamer's 16 views (Liu et al., ICLR 2024), sampled once
+    from ``image_path`` seen at ``input_elevation`` (or read from ``views_dir``). The views are drawn at
+    elevation 30, azimuths every 22.5 degrees from the input view, on white (``data.pose_table: syncdreamer``)."""
+
+    prior_family = "syncdreamer"
+    generator_label = "SyncDreamer"
+
+    @dataclass
+    class Config(DiffusionGuidance.Config):
+        guidance_scale: float = 2.0
+        """Classifier-free guidance scale (the authors' 2.0; 1.5 also suggested)."""
+        views_dir: Optional[str] = None
+        """A views folder to reconstruct: nothing is sampled and no weights are needed. Null: sample."""
+        pretrained_model_name_or_path: str = "ckpt/syncdreamer-pretrain.ckpt"
+        """SyncDreamer's weights: syncdreamer-pretrain.ckpt (or a .safetensors of its keys, or a folder holding
+        it), from the authors' release. Never downloaded."""
+        input_elevation: float = 30.0
+        """Elevation of the input view in degrees (SyncDreamer asks for it; a rough value in [-10, 40] is fine)."""
+        image_path: Optional[str] = None
+        """The input image (recipes: ``${image}``); null: the data module's reference image."""
+        recenter: bool = True
+        """Centre an RGBA input's object and scale it to ``foreground_ratio`` of the frame before sampling."""
+        foreground_ratio: float = 0.78125
+        """With ``recenter``: the object's longer side over the image side (the authors' crop_size 200 of 256)."""
+        cache_dir: Optional[str] = None
+        """Where sampled views are kept; null: ``<trial folder>/views`` from the data module."""
+        num_inference_steps: int = 50
+        """DDIM steps (the authors' 50)."""
+        eta: float = 1.0
+        """DDIM eta (the authors' sampler: 1, stochastic)."""
+        view_batch: int = 8
+        """Views per UNet call within a step (memory only; the authors' batch_view_num 8)."""
+        seed: int = 0
+        """Seed of the sampling noise."""
+        torch_dtype: Optional[Literal["float16", "bfloat16", "float32", "float64"]] = None
+        """dtype of the generator's weights; null: float16 on CUDA (with half_precision_weights), else float32."""
+        half_precision_weights: bool = True
+        """float16 weights on CUDA when torch_dtype is null."""
+        background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+        """The views' background (SyncDreamer: white), for masks of RGB views."""
+        mask_threshold: float = 0.06
+        """A pixel of an RGB view is foreground when it differs from the background by more than this."""
+        mask_loss: Literal["mse", "bce"] = "mse"
+        """How ``loss_mask`` compares the rendered opacity with the view's mask."""
+        masked_rgb: bool = False
+        """Compare colours on the view's foreground only."""
+        camera_tolerance: float = 1e-3
+        """As multiview-images-guidance's."""
+
+    cfg: Config
+
+    @classmethod
+    def missing_weights(cls, cfg: Any) -> str | None:
+        if cfg.views_dir:
+            return None
+        from lift3d.priors.syncdreamer.checkpoint import find_weights
+        from lift3d.utils.hub import MissingWeightsError
+
+        try:
+            find_weights(cfg.pretrained_model_name_or_path, "system.guidance.pretrained_model_name_or_path")
+        except MissingWeightsError as exc:
+            return str(exc)
+        return None
+
+    def configure(self) -> None:
+        c = self.cfg
+        if c.num_inference_steps < 1 or c.view_batch < 1:
+            raise ConfigError(f"{self._cfg_key}: num_inference_steps and view_batch must be positive")
+        if c.recenter and not 0.0 < c.foreground_ratio <= 1.0:
+            raise ConfigError(f"{self._cfg_key}.foreground_ratio must be in (0, 1], got {c.foreground_ratio}")
+        if not 0.0 <= c.mask_threshold < 1.0:
+            raise ConfigError(f"{self._cfg_key}.mask_threshold must be in [0, 1), got {c.mask_threshold}")
+        if c.views_dir:
+            from lift3d.priors.zero123pp.views import read_cameras
+
+            read_cameras(c.views_dir, f"{self._cfg_key}.views_dir")
+        self.__dict__["views"] = None
+        self.__dict__["_targets"] = {}
+
+    def record(self, image_bytes: bytes) -> dict[str, Any]:
+        c = self.cfg
+        return {"generator": "syncdreamer", "model": str(c.pretrained_model_name_or_path),
+                "input_elevation": float(c.input_elevation), "steps": c.num_inference_steps, "eta": float(c.eta),
+                "guidance_scale": float(C(c.guidance_scale, 0)), "seed": c.seed, "recenter": c.recenter,
+                "foreground_ratio": c.foreground_ratio, "input_sha256": hashlib.sha256(image_bytes).hexdigest()}
+
+    def _input(self, inp: Optional[GuidanceInput]) -> tuple[Tensor, bytes]:
+        """The input image on white at full resolution (resized to the model's size when sampling)."""
+        from lift3d.priors.syncdreamer.input import prepare_input, read_image
+
+        c = self.cfg
+        rgb, alpha, raw = self._input_image(inp, read_image)
+        ratio = c.foreground_ratio if c.recenter else None
+        return prepare_input(rgb, alpha, size=max(rgb.shape[0], rgb.shape[1]), foreground_ratio=ratio), raw
+
+    def generate(self, image: Tensor, device: torch.device, distance: Optional[float], fovy: Optional[float]
+                 ) -> tuple[Any, Tensor]:
+        """Sample SyncDreamer's 16 views of ``image``: (a ViewSet, the views side by side [3, H, 16 W])."""
+        from lift3d.priors.syncdreamer import checkpoint
+        from lift3d.priors.syncdreamer.sampler import sample_views
+        from lift3d.priors.zero123pp.views import ViewSet
+
+        c = self.cfg
+        key = f"{self._cfg_key}.pretrained_model_name_or_path"
+        dtype = weights_dtype(c.torch_dtype, c.half_precision_weights, on_cuda=device.type == "cuda")
+        model = checkpoint.load(c.pretrained_model_name_or_path, key, dtype=dtype).to(device)
+        size = model.cfg.image_size
+        if tuple(image.shape[-2:]) != (size, size):
+            image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False,
+                                  antialias=True).clamp(0, 1)
+        try:
+            with torch.autocast(device.type, enabled=False):
+                res = sample_views(model, image.to(device), float(c.input_elevation), distance=distance,
+                                   steps=c.num_inference_steps, guidance_scale=float(C(c.guidance_scale, 0)),
+                                   eta=c.eta, seed=c.seed, view_batch=c.view_batch)
+        finally:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        strip = torch.cat(list(res.views), -1)
+        return ViewSet(rgb=res.views.permute(0, 2, 3, 1).contiguous(), cameras=res.cameras,
+                       background=tuple(c.background_color)), strip
+
+
+__all__ = ["MultiviewImagesGuidance", "SyncDreamerGuidance"]

@@ -83,6 +83,19 @@ def test_the_form_becomes_the_overrides_one_would_type(book, tmp_path):
         ["prompt=''", f"image={img}", "data.remove_background=auto"]
 
 
+@pytest.mark.parametrize("text", ["a red cube", "a cube: red", "a cube #1", "123", "null", "[x]", "it's ${seed}", ""])
+def test_a_typed_prompt_reaches_the_run_verbatim(text, tmp_path):
+    from lift3d.app.page import prompt_of_override, prompt_override
+    from lift3d.config import load_config, resolve
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prompt: x\nseed: 3\nsystem:\n  prompt: ${prompt}\n")
+    override = prompt_override(text)
+    raw, prov = load_config(recipe, [override])
+    assert resolve(raw, prov)["system"]["prompt"] == text
+    assert prompt_of_override(override) == text  # what the page shows again for a run
+
+
 def test_an_image_recipe_takes_the_upload_and_its_camera(book, tmp_path):
     from lift3d.app.runs import check_launch
     from lift3d.priors.toyworld.__main__ import main as toyworld

@@ -39,6 +39,7 @@ TINY_PRIORS = {
     "toyworld-mv": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_toyworld_mv.py"))["smoke_overrides"](tmp),
     "mvdream": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_mvdream.py"))["smoke_overrides"](tmp),
     "zero123pp": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_zero123pp.py"))["smoke_overrides"](tmp),
+    "syncdreamer": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_syncdreamer.py"))["smoke_overrides"](tmp),
     "viewdiff": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_viewdiff.py"))["smoke_overrides"](tmp),
     "toyworld-zero123": lambda tmp: runpy.run_path(str(REPO / "tests/guidance/tiny_toyworld_zero123.py"))[
         "smoke_overrides"](tmp),
