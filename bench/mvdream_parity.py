@@ -17,12 +17,21 @@ Two layouts: ``tiny`` (2 levels of 32 and 64 channels, attention on the first, 1
 and ``sd21`` (SD 2.1-base's layout: 4 levels, attention on the first three, 2 ResNet blocks per
 level, 64-channel heads, at a fifth of its width).
 
+``--variant sd-v1.5`` runs the same comparison in the shape of MVDream's SD 1.5 model (its
+sd-v1.yaml): heads by count (8 per level, whatever the width), 768-wide text states, 1x1-convolution
+projections around the transformers (``use_linear_in_transformer`` off), in the layouts ``tiny15``
+and ``sd15`` (SD 1.5's 4 levels at a fifth of the width). The file then also holds a small text tower
+under ``cond_stage_model.transformer.*``: the original's ``FrozenCLIPEmbedder`` is transformers'
+``CLIPTextModel`` itself (built here from a tiny quick-GELU config, as the original's
+``from_pretrained`` would need the network), so the text row checks lift3d's key map and its choice
+of output (the last layer after the final norm), and agrees by construction when both are right.
+
 What is stubbed, and only here: the checkout's ``mvdream/__init__.py`` (it imports the model zoo,
 hence omegaconf / huggingface_hub / pkg_resources) is skipped by registering its packages by path;
 ``einops`` is replaced by a small ``rearrange`` for the patterns the original uses when the package
 is not installed. xformers is absent, so the original takes its plain attention path.
 
-    python bench/mvdream_parity.py --mvdream-repo /path/to/MVDream [--seed 0]
+    python bench/mvdream_parity.py --mvdream-repo /path/to/MVDream [--seed 0] [--variant sd-v1.5]
 """
 
 from __future__ import annotations
@@ -115,18 +124,30 @@ LAYOUTS = {
     "sd21": dict(unet=dict(model_channels=64, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
                            attention_resolutions=[4, 2, 1], num_head_channels=64, context_dim=64),
                  vae=dict(ch=32, ch_mult=[1, 2, 4, 4], num_res_blocks=2), latent=8),
+    # MVDream sd-v1.yaml's shape: 8 heads per level, 768-wide context, convolution projections.
+    "tiny15": dict(unet=dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=[1],
+                             num_heads=8, context_dim=768, linear=False),
+                   vae=dict(ch=32, ch_mult=[1, 2], num_res_blocks=1), latent=8,
+                   text=dict(width=768, layers=2, heads=12, mlp=1024)),
+    "sd15": dict(unet=dict(model_channels=64, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                           attention_resolutions=[4, 2, 1], num_heads=8, context_dim=768, linear=False),
+                 vae=dict(ch=32, ch_mult=[1, 2, 4, 4], num_res_blocks=2), latent=8,
+                 text=dict(width=768, layers=2, heads=12, mlp=1024)),
 }
+#: The layouts each published variant is compared in by default.
+VARIANT_LAYOUTS = {"sd-v2.1-base": "tiny,sd21", "sd-v1.5": "tiny15,sd15"}
 
 
 def build_original(mods: dict, layout: dict, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(seed)
     u = layout["unet"]
+    heads = dict(num_heads=u["num_heads"]) if "num_heads" in u else dict(num_head_channels=u["num_head_channels"])
     unet = mods["unet"].MultiViewUNetModel(
         image_size=layout["latent"], in_channels=4, out_channels=4, model_channels=u["model_channels"],
         attention_resolutions=u["attention_resolutions"], num_res_blocks=u["num_res_blocks"],
-        channel_mult=u["channel_mult"], num_head_channels=u["num_head_channels"], use_spatial_transformer=True,
-        use_linear_in_transformer=True, transformer_depth=1, context_dim=u["context_dim"], use_checkpoint=False,
-        legacy=False, camera_dim=16)
+        channel_mult=u["channel_mult"], use_spatial_transformer=True,
+        use_linear_in_transformer=u.get("linear", True), transformer_depth=1, context_dim=u["context_dim"],
+        use_checkpoint=False, legacy=False, camera_dim=16, **heads)
     v = layout["vae"]
     factor = 2 ** (len(v["ch_mult"]) - 1)
     ddconfig = dict(double_z=True, z_channels=4, resolution=layout["latent"] * factor, in_channels=3, out_ch=3,
@@ -139,6 +160,21 @@ def build_original(mods: dict, layout: dict, seed: int) -> tuple[torch.nn.Module
                 if not bool(p.abs().max() > 0):
                     p.normal_(0.0, 0.05)
     return unet.eval(), vae.eval()
+
+
+def build_clip_text(layout: dict, seed: int) -> torch.nn.Module | None:
+    """The original SD 1.x text encoder's network: transformers' CLIPTextModel (quick-GELU), small, seeded."""
+    t = layout.get("text")
+    if t is None:
+        return None
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed + 7)
+    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=t["width"], intermediate_size=t["mlp"],
+                         num_hidden_layers=t["layers"], num_attention_heads=t["heads"], max_position_embeddings=77,
+                         hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=998, eos_token_id=999,
+                         pad_token_id=999)
+    return CLIPTextModel(cfg).eval()
 
 
 def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -154,15 +190,23 @@ def run_layout(mods: dict, key: str, seed: int, workdir: Path) -> None:
     unet_o, vae_o = build_original(mods, layout, seed)
     state = {f"model.diffusion_model.{k}": v for k, v in unet_o.state_dict().items()}
     state.update({f"first_stage_model.{k}": v for k, v in vae_o.state_dict().items()})
+    text_o = build_clip_text(layout, seed)
+    if text_o is not None:
+        # FrozenCLIPEmbedder keeps the CLIPTextModel as ``transformer``; its state dict nests ``text_model.``
+        sd = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_o.state_dict().items()}
+        state.update({f"cond_stage_model.transformer.{k}": v for k, v in sd.items()})
     path = workdir / f"mvdream-{key}.pt"
     torch.save(state, path)
     factor = 2 ** (len(layout["vae"]["ch_mult"]) - 1)
     size = layout["latent"] * factor
-    loaded = load_mvdream(path, parts=("unet", "vae"), head_channels=layout["unet"]["num_head_channels"],
-                          image_size=size)
+    u = layout["unet"]
+    heads = dict(num_heads=u["num_heads"]) if "num_heads" in u else dict(head_channels=u["num_head_channels"])
+    loaded = load_mvdream(path, parts=("unet", "vae", "text") if text_o is not None else ("unet", "vae"),
+                          image_size=size, **heads)
     n_orig = sum(p.numel() for p in unet_o.parameters()) + sum(p.numel() for p in vae_o.parameters())
     n_ours = sum(p.numel() for p in loaded.unet.parameters()) + sum(p.numel() for p in loaded.vae.parameters())
-    print(f"\nlayout {key}: {len(state)} checkpoint tensors, {n_orig} parameters in the original, {n_ours} in lift3d's "
+    print(f"\nlayout {key} (detected variant {loaded.arch.variant.name}): {len(state)} checkpoint tensors, "
+          f"{n_orig} parameters in the original, {n_ours} in lift3d's "
           f"(UNet arch {loaded.arch.unet}); working resolution {size}, latents {layout['latent']}")
     print(f"| {'output':<44} | {'shape':<18} | max |diff| | rel. to max | max |ref| |")
     print("| --- | --- | --- | --- | --- |")
@@ -195,6 +239,11 @@ def run_layout(mods: dict, key: str, seed: int, workdir: Path) -> None:
         ours32 = loaded.unet(x, t, context, camera, 4)
         ours64 = loaded.unet.to(torch.float64)(x.double(), t, context.double(), camera.double(), 4)
         report("rounding: lift3d UNet float32 vs float64", ours32, ours64)
+        if text_o is not None:
+            ids = torch.randint(0, 998, (2, 77), generator=g)
+            ids[:, 0], ids[:, 9:] = 998, 999  # start, 8 tokens, then end tokens as SD 1.x's tokenizer pads
+            report("text states (last layer, final norm)", loaded.text_encoder(ids).last_hidden_state,
+                   text_o(ids).last_hidden_state)
 
 
 def camera_parity(mods: dict) -> None:
@@ -218,8 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mvdream-repo", type=Path, required=True, help="a checkout of bytedance/MVDream")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--layouts", default="tiny,sd21", help="comma-separated: " + ", ".join(LAYOUTS))
+    ap.add_argument("--variant", choices=sorted(VARIANT_LAYOUTS), default="sd-v2.1-base",
+                    help="which published model's shape to compare in (sets the default --layouts)")
+    ap.add_argument("--layouts", default=None, help="comma-separated: " + ", ".join(LAYOUTS))
     args = ap.parse_args(argv)
+    args.layouts = args.layouts or VARIANT_LAYOUTS[args.variant]
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()

@@ -120,9 +120,12 @@ class MVDreamGuidance(LatentDiffusionWeights, SDSGuidance):
         pretrained_model_name_or_path: str = DEFAULT_MVDREAM_MODEL
         """MVDream's checkpoint in the original single-file layout: a ``.pt`` / ``.safetensors`` file, a
         folder holding ``filename``, or a Hugging Face id found in the local cache (never downloaded:
-        ``hf download MVDream/MVDream sd-v2.1-base-4view.pt`` once). Recipes set it to ``${mvdream_model}``."""
+        ``hf download MVDream/MVDream sd-v2.1-base-4view.pt`` once). Recipes set it to ``${mvdream_model}``.
+        The SD 1.5 model (``sd-v1.5-4view.pt``) loads the same way: which of the two a file is, is
+        read off its keys and shapes."""
         filename: str = DEFAULT_MVDREAM_FILE
-        """The file to read from a folder or a Hugging Face id."""
+        """The file to read from a folder or a Hugging Face id (``sd-v1.5-4view.pt`` for the SD 1.5
+        model; ignored when ``pretrained_model_name_or_path`` is the file itself)."""
         revision: Optional[str] = None
         """A Hugging Face revision to look up in the cache."""
         guidance_scale: Scheduled = 50.0

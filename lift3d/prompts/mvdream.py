@@ -13,6 +13,12 @@ tokens, cut to 77, and padded with id 0, as ``open_clip.tokenize`` pads (not wit
 transformers' CLIP tokenizer would by default): the tower attends causally, and the padding rows
 the UNet attends to depend on it.
 
+MVDream's SD 1.5 model (``sd-v1.5-4view.pt``, found out from the file's keys) conditions instead on
+OpenAI CLIP ViT-L/14's text model whole (its last layer after the final norm, ``[77, 768]``, quick-GELU),
+as Stable Diffusion 1.x's ``FrozenCLIPEmbedder`` does; its texts are padded with the end token (what
+``padding="max_length"`` gives with that tokenizer), and its default vocabulary source is
+``openai/clip-vit-large-patch14``'s tokenizer files.
+
 The encoder is loaded only when a text misses the embedding cache, used for every missing text,
 and freed. The empty text is always encoded too (``PromptUtils.extras["null_text_embeddings"]``),
 the model's "no text", for guidances that drop the prompt.
@@ -35,11 +41,12 @@ from lift3d.registry import register
 DEFAULT_TOKENIZER_MODEL = "stabilityai/stable-diffusion-2-1-base"
 
 
-def open_clip_token_ids(tokenizer: Any, texts: list[str], length: int) -> Tensor:
+def open_clip_token_ids(tokenizer: Any, texts: list[str], length: int, pad_id: int = 0) -> Tensor:
     """``[N, length]`` token ids as ``open_clip.tokenize`` makes them: start, text, end, cut to
-    ``length`` keeping the end token, then zeros."""
+    ``length`` keeping the end token, then ``pad_id`` (zeros; SD 1.x's CLIP tokenizer pads with the
+    end token instead)."""
     rows = tokenizer(texts, truncation=True, max_length=length, padding=False)["input_ids"]
-    ids = torch.zeros(len(texts), length, dtype=torch.long)
+    ids = torch.full((len(texts), length), int(pad_id), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.as_tensor(row[:length])
     return ids
@@ -63,7 +70,7 @@ class MVDreamPromptProcessor(HiddenStatePromptProcessor):
         """A CLIP BPE tokenizer: a folder (its ``tokenizer`` subfolder if it has one) or a Hugging Face
         id found in the cache. null: a ``tokenizer`` folder beside the checkpoint file if there is one,
         else Stable Diffusion 2.1-base's (``hf download stabilityai/stable-diffusion-2-1-base --include
-        "tokenizer/*"``, a few MB)."""
+        "tokenizer/*"``, a few MB), or for MVDream's SD 1.5 model ``openai/clip-vit-large-patch14``'s."""
         device: Optional[str] = None
         """Where the text tower runs (it is freed after encoding); null: CUDA when available, else the CPU."""
         view_dependent_prompting: bool = False
@@ -75,13 +82,14 @@ class MVDreamPromptProcessor(HiddenStatePromptProcessor):
         super().configure(**kwargs)
         self._checkpoint: Path | None = None
         self._tokenizer_folder: Path | None = None
+        self._pad_with_end_token = False
 
     # -- weights ---------------------------------------------------------------------------------
 
     @classmethod
     def _resolve(cls, cfg: Any, key: str) -> tuple[Path, Path]:
         """(checkpoint file, tokenizer folder), or MissingWeightsError naming the key."""
-        from lift3d.priors.mvdream.checkpoint import resolve_checkpoint
+        from lift3d.priors.mvdream.checkpoint import CheckpointLayoutError, checkpoint_variant, resolve_checkpoint
         from lift3d.utils.hub import MissingWeightsError, resolve_weights
 
         ckpt = resolve_checkpoint(cfg.pretrained_model_name_or_path, cfg.filename,
@@ -90,14 +98,23 @@ class MVDreamPromptProcessor(HiddenStatePromptProcessor):
         if name is None and (ckpt.parent / "tokenizer").is_dir():
             return ckpt, ckpt.parent / "tokenizer"
         tok_key = f"{key}.tokenizer_name_or_path"
+        default, fetch, source = DEFAULT_TOKENIZER_MODEL, f'hf download {DEFAULT_TOKENIZER_MODEL} --include ' \
+            '"tokenizer/*"', "Stable Diffusion 2.x ships it"
+        if name is None:
+            try:
+                variant = checkpoint_variant(ckpt)
+            except (CheckpointLayoutError, OSError, RuntimeError):
+                variant = None  # the load says what is wrong with the file
+            if variant is not None and variant.pad_with_end_token:
+                default, fetch = variant.tokenizer, variant.tokenizer_download
+                source = f"for MVDream {variant.name}, {variant.tokenizer} ships it"
         try:
-            folder = resolve_weights(name or DEFAULT_TOKENIZER_MODEL, key=tok_key).path
+            folder = resolve_weights(name or default, key=tok_key).path
         except MissingWeightsError as exc:
             raise MissingWeightsError(
-                f"{str(exc).rstrip('.')}. MVDream's text tower reads OpenCLIP's BPE vocabulary, which the checkpoint "
-                f"does not hold; Stable Diffusion 2.x ships it: `hf download {DEFAULT_TOKENIZER_MODEL} --include "
-                f"\"tokenizer/*\"` fetches only that. Or put a tokenizer/ folder beside {ckpt}, or set {tok_key}= "
-                "to a CLIP tokenizer folder.") from None
+                f"{str(exc).rstrip('.')}. MVDream's text tower reads CLIP's BPE vocabulary, which the checkpoint "
+                f"does not hold; {source}: `{fetch}` fetches only that. Or put a tokenizer/ folder beside {ckpt}, "
+                f"or set {tok_key}= to a CLIP tokenizer folder.") from None
         folder = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
         if not (folder / "vocab.json").is_file():
             raise MissingWeightsError(f"config key '{tok_key}': {folder} holds no vocab.json; it is not a CLIP "
@@ -151,6 +168,7 @@ class MVDreamPromptProcessor(HiddenStatePromptProcessor):
                 raise MissingWeightsError(f"config key '{self.cfg_key}.pretrained_model_name_or_path' = "
                                           f"{self.cfg.pretrained_model_name_or_path!r}: {ckpt} does not load "
                                           f"(interrupted download?): {exc}") from exc
+            self._pad_with_end_token = weights.arch.variant.pad_with_end_token
             self._text_encoder = weights.text_encoder.to(device).eval()
         return self._tokenizer, self._text_encoder
 
@@ -159,8 +177,10 @@ class MVDreamPromptProcessor(HiddenStatePromptProcessor):
     # built by load_mvdream stops at the penultimate layer, so its last_hidden_state is that layer's.)
 
     def token_ids(self, tokenizer: Any, encoder: Any, texts: list[str]) -> Tensor:
-        """Padded with zeros to the tower's context length, as ``open_clip.tokenize`` pads."""
-        return open_clip_token_ids(tokenizer, texts, int(encoder.config.max_position_embeddings))
+        """Padded to the tower's context length: with zeros, as ``open_clip.tokenize`` pads (2.1), or
+        with the end token, as SD 1.x's CLIP tokenizer pads (1.5)."""
+        pad = int(tokenizer.eos_token_id) if self._pad_with_end_token else 0
+        return open_clip_token_ids(tokenizer, texts, int(encoder.config.max_position_embeddings), pad)
 
 
 __all__ = ["MVDreamPromptProcessor", "open_clip_token_ids", "DEFAULT_TOKENIZER_MODEL"]

@@ -31,10 +31,18 @@ from lift3d.priors.mvdream.checkpoint import (
     load_mvdream,
     to_original,
 )
-from lift3d.priors.mvdream.network import SD21_BASE_UNET, MultiViewAttnProcessor
+from lift3d.priors.mvdream.network import SD15_UNET, SD21_BASE_UNET, MultiViewAttnProcessor
 from lift3d.registry import find
 from missing_weights import build_error, empty_hub  # noqa: F401 (fixture)
-from tiny_mvdream import LATENT_SIZE, RESOLUTION, TINY_ARCH, original_state, tiny_mvdream  # noqa: F401 (fixture)
+from tiny_mvdream import (  # noqa: F401 (fixtures)
+    LATENT_SIZE,
+    RESOLUTION,
+    TINY_ARCH,
+    TINY_ARCH_V15,
+    original_state,
+    tiny_mvdream,
+    tiny_mvdream_v15,
+)
 
 NAME = "mvdream-guidance"
 REPO = Path(__file__).resolve().parents[2]
@@ -117,17 +125,24 @@ def test_the_architecture_is_read_off_the_shapes(source):
     assert arch == TINY_ARCH
 
 
-def test_the_published_layout_maps_to_diffusers_names_and_keeps_the_camera_mlp():
-    """SD 2.1-base's architecture, built on the meta device (no weights): the map covers every
-    parameter, places the well-known LDM names where diffusers keeps them, and the original-layout
-    shapes it implies are read back as the same architecture."""
-    arch = MVDreamArch(unet=SD21_BASE_UNET, vae=VaeArch(), text=TextArch())
+def _key_map_filling_every_parameter(arch):
+    """The networks of ``arch`` (on the meta device), their state dicts and the key map, checked to fill every
+    parameter."""
     models = build_models(arch)
     tensors = {p: dict((m.unet if p == "unet" else m).state_dict()) for p, m in models.items()}
     km = build_key_map(arch, {p: set(t) for p, t in tensors.items()})
     for part, t in tensors.items():
         filled = {tg.key for tgs in km.targets.values() for tg in tgs if tg.part == part}
         assert set(t) - filled == set(), part
+    return models, tensors, km
+
+
+def test_the_published_layout_maps_to_diffusers_names_and_keeps_the_camera_mlp():
+    """SD 2.1-base's architecture, built on the meta device (no weights): the map covers every
+    parameter, places the well-known LDM names where diffusers keeps them, and the original-layout
+    shapes it implies are read back as the same architecture."""
+    arch = MVDreamArch(unet=SD21_BASE_UNET, vae=VaeArch(), text=TextArch())
+    models, tensors, km = _key_map_filling_every_parameter(arch)
     where = {k: [(tg.part, tg.key) for tg in v] for k, v in km.targets.items()}
     assert where[f"{U}camera_embed.0.weight"] == [("unet", "class_embedding.linear_1.weight")]
     assert where[f"{U}camera_embed.2.bias"] == [("unet", "class_embedding.linear_2.bias")]
@@ -447,3 +462,194 @@ def test_the_recipe_without_its_weights_names_mvdream_model(empty_hub, tmp_path,
     assert ex.value.code == 2
     assert "mvdream_model" in err and "huggingface.co/MVDream/MVDream" in err and "sd-v2.1-base-4view.pt" in err
     assert not (tmp_path / "out").exists()
+
+
+# -- MVDream's SD 1.5 model (sd-v1.5-4view.pt) -----------------------------------------------------
+
+T15 = "cond_stage_model.transformer.text_model."
+
+
+@pytest.fixture(scope="module")
+def source_v15():
+    return original_state(seed=0, variant="sd-v1.5")
+
+
+@pytest.fixture(scope="module")
+def loaded_v15(tiny_mvdream_v15):
+    return load_mvdream(tiny_mvdream_v15, image_size=RESOLUTION)
+
+
+def test_v15_is_detected_from_the_file_and_loads_every_tensor_where_it_came_from(loaded_v15, source_v15,
+                                                                                 tiny_mvdream_v15):
+    from lift3d.priors.mvdream.checkpoint import SD15
+
+    state, models = source_v15
+    assert tiny_mvdream_v15.name == "sd-v1.5-4view.pt"
+    assert loaded_v15.arch == TINY_ARCH_V15 and loaded_v15.arch.variant is SD15
+    for part, got in (("unet", loaded_v15.unet.unet), ("vae", loaded_v15.vae), ("text", loaded_v15.text_encoder)):
+        want, have = params_of(models, part), dict(got.state_dict())
+        assert set(have) == set(want), part
+        for k, v in want.items():
+            assert torch.equal(have[k], v), f"{part}.{k}"
+    # the original layout: 1x1-convolution projections, transformers' names under cond_stage_model.transformer
+    assert state[f"{U}middle_block.1.proj_in.weight"].dim() == 4
+    assert f"{T15}encoder.layers.1.self_attn.q_proj.weight" in state and f"{T15}embeddings.position_ids" in state
+    assert not any(k.startswith("cond_stage_model.model.") for k in state)
+    # heads by count: 8 at every level, whatever its width
+    cfg = loaded_v15.unet.config
+    assert tuple(cfg.attention_head_dim) == (8, 8) and cfg.cross_attention_dim == 32 and not cfg.use_linear_projection
+    assert loaded_v15.text_encoder.config.hidden_act == "quick_gelu"
+    assert loaded_v15.text_encoder.config.num_hidden_layers == TINY_ARCH_V15.text.layers  # every layer used
+    # the loaded UNet predicts what the network the file was written from predicts
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(4, 4, LATENT_SIZE, LATENT_SIZE, generator=g), torch.randn(4, 77, 32, generator=g)
+    cams = mvdream_camera(CameraBatch.from_angles(15.0, [0.0, 90.0, 180.0, -90.0]).c2w)
+    with torch.no_grad():
+        close(loaded_v15.unet(x, torch.full((4,), 400), ctx, cams, 4), models["unet"](x, 400, ctx, cams, 4), 1e-5)
+
+
+def test_the_variant_is_read_from_the_text_tower_or_else_the_unet_and_mixed_files_are_refused(source, source_v15):
+    from lift3d.priors.mvdream.checkpoint import SD15, SD21, detect_variant
+
+    v21 = {k: tuple(v.shape) for k, v in source[0].items()}
+    v15 = {k: tuple(v.shape) for k, v in source_v15[0].items()}
+    assert detect_variant(v21) is SD21 and detect_variant(v15) is SD15
+    # without a text tower (a UNet-and-VAE file) the projections' shape tells
+    no_text = {k: s for k, s in v15.items() if not k.startswith("cond_stage_model.")}
+    assert detect_variant(no_text) is SD15
+    assert infer_architecture(no_text, image_size=RESOLUTION).unet == TINY_ARCH_V15.unet
+    assert detect_variant({k: s for k, s in v21.items() if not k.startswith("cond_stage_model.")}) is SD21
+    # SD 1.5's text tower on a 2.1 UNet (linear projections) is neither model
+    mixed = {**{k: s for k, s in v21.items() if not k.startswith("cond_stage_model.")},
+             **{k: s for k, s in v15.items() if k.startswith("cond_stage_model.")}}
+    with pytest.raises(CheckpointLayoutError, match=r"sd-v1.5.*middle_block\.1\.proj_in\.weight"):
+        detect_variant(mixed)
+    with pytest.raises(CheckpointLayoutError, match="two text towers"):
+        detect_variant({**v21, **{k: s for k, s in v15.items() if k.startswith("cond_stage_model.")}})
+
+
+def test_v15_unplaced_missing_and_misshaped_keys_are_errors_naming_them(source_v15):
+    state, _ = source_v15
+    extra = {**state, f"{T15}encoder.layers.9.mlp.fc1.weight": torch.zeros(3),
+             "cond_stage_model.transformer.logit_scale": torch.tensor(1.0)}
+    with pytest.raises(CheckpointLayoutError) as info:
+        load_mvdream("v15.pt", parts=("text",), image_size=RESOLUTION, state=extra)
+    msg = str(info.value)
+    assert "2 key(s)" in msg and f"{T15}encoder.layers.9.mlp.fc1.weight" in msg
+    assert "cond_stage_model.transformer.logit_scale" in msg
+    gone = f"{T15}encoder.layers.1.self_attn.v_proj.weight"
+    with pytest.raises(CheckpointLayoutError) as info:
+        load_mvdream("v15.pt", parts=("text",), image_size=RESOLUTION,
+                     state={k: v for k, v in state.items() if k != gone})
+    assert "1 parameter(s) left unfilled" in str(info.value) and f"(from {gone})" in str(info.value)
+    # a transformer projection of the wrong shape (still a convolution: the variant stays 1.5)
+    key = f"{U}input_blocks.1.1.proj_out.weight"
+    bad = {**state, key: torch.zeros(32, 32, 3, 3)}
+    with pytest.raises(CheckpointLayoutError, match=r"proj_out\.weight \(32, 32, 3, 3\) for "
+                                                    r"down_blocks\.0\.attentions\.0\.proj_out\.weight"):
+        load_mvdream("v15.pt", parts=("unet",), image_size=RESOLUTION, state=bad)
+    # the position index buffer is optional: files from newer transformers lack it
+    lean = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    assert load_mvdream("v15.pt", parts=("text",), image_size=RESOLUTION, state=lean).text_encoder is not None
+
+
+def test_the_published_v15_layout_maps_to_diffusers_and_transformers_names():
+    """MVDream sd-v1.yaml's architecture on the meta device: SD 1.5's UNet with the camera MLP, CLIP ViT-L/14's
+    text model; the map fills every parameter and its implied shapes read back as the same architecture."""
+    from lift3d.priors.mvdream.checkpoint import SD15
+
+    text = TextArch(vocab_size=49408, width=768, layers=12, heads=12, mlp_width=3072, skip_last=False,
+                    activation="quick_gelu")
+    arch = MVDreamArch(unet=SD15_UNET, vae=VaeArch(), text=text, variant=SD15)
+    models, tensors, km = _key_map_filling_every_parameter(arch)
+    where = {k: [(tg.part, tg.key, tg.flatten) for tg in v] for k, v in km.targets.items()}
+    assert where[f"{U}camera_embed.0.weight"] == [("unet", "class_embedding.linear_1.weight", False)]
+    assert where[f"{U}middle_block.1.proj_in.weight"] == [("unet", "mid_block.attentions.0.proj_in.weight", False)]
+    root = next(iter(tensors["text"])).split("embeddings.")[0] if "text_model." in next(iter(tensors["text"])) else ""
+    assert where[f"{T15}encoder.layers.11.mlp.fc2.weight"] == [("text", f"{root}encoder.layers.11.mlp.fc2.weight",
+                                                                 False)]
+    assert where[f"{T15}final_layer_norm.bias"] == [("text", f"{root}final_layer_norm.bias", False)]
+    # SD 1.5's UNet (859,520,964 parameters) plus the camera MLP; CLIP ViT-L/14's text model (123,060,480)
+    n_unet = sum(p.numel() for p in models["unet"].parameters())
+    assert n_unet == 859_520_964 + (16 * 1280 + 1280) + (1280 * 1280 + 1280)
+    assert sum(p.numel() for p in models["text"].parameters()) == 123_060_480
+    assert models["unet"].unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 8
+    assert models["unet"].unet.down_blocks[2].attentions[0].transformer_blocks[0].attn1.heads == 8
+    shapes = {k: tuple(v.shape) for k, v in to_original(km, tensors).items()}
+    assert infer_architecture(shapes) == arch
+
+
+@pytest.fixture(scope="module")
+def prompt_v15(tiny_mvdream_v15):
+    cfg = {"prompt": "a red cube", "negative_prompt": "blue", "pretrained_model_name_or_path": str(tiny_mvdream_v15),
+           "use_cache": False}
+    return find("mvdream-prompt-processor", "prompt-processor")(cfg)()
+
+
+def test_the_v15_prompt_processor_runs_clip_whole_with_end_token_padding(prompt_v15, source_v15, tiny_mvdream_v15):
+    """A hand-written CLIP ViT-L-style text model (separate q/k/v, quick-GELU, causal mask, every layer, final
+    norm) on the original tensors, fed ids padded with the end token, gives the processor's embeddings."""
+    from transformers import CLIPTokenizer
+
+    from lift3d.prompts.mvdream import open_clip_token_ids
+    from tiny_mvdream import VOCAB
+
+    state, _ = source_v15
+    arch = TINY_ARCH_V15.text
+    tok = CLIPTokenizer.from_pretrained(str(tiny_mvdream_v15.parent / "tokenizer"), local_files_only=True)
+    end = VOCAB["<|endoftext|>"]
+    ids = open_clip_token_ids(tok, ["a red cube"], 77, pad_id=end)
+    assert ids[0, :5].tolist() == [VOCAB[w] for w in ("<|startoftext|>", "a</w>", "red</w>", "cube</w>")] + [end]
+    assert ids[0, 5:].eq(end).all()
+
+    def lin(h, name):
+        return F.linear(h, state[name + ".weight"], state[name + ".bias"])
+
+    def norm(h, name):
+        return F.layer_norm(h, (arch.width,), state[name + ".weight"], state[name + ".bias"])
+
+    x = state[T15 + "embeddings.token_embedding.weight"][ids] + state[T15 + "embeddings.position_embedding.weight"]
+    mask = torch.full((77, 77), float("-inf")).triu(1)
+    for i in range(arch.layers):
+        b = f"{T15}encoder.layers.{i}."
+        h = norm(x, b + "layer_norm1")
+        q, k, v = (lin(h, b + f"self_attn.{n}_proj") for n in "qkv")
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(arch.width) + mask, dim=-1)  # one head
+        x = x + lin(att @ v, b + "self_attn.out_proj")
+        h = lin(norm(x, b + "layer_norm2"), b + "mlp.fc1")
+        x = x + lin(h * torch.sigmoid(1.702 * h), b + "mlp.fc2")
+    want = norm(x, T15 + "final_layer_norm")
+    close(prompt_v15.text_embeddings, want, 1e-5)
+    assert prompt_v15.text_embeddings.shape == (1, 77, 32)
+    assert prompt_v15.extras["null_text_embeddings"].shape == (1, 77, 32)
+    assert not torch.allclose(prompt_v15.text_embeddings, prompt_v15.uncond_text_embeddings)  # "blue" differs
+
+
+def test_the_v15_tokenizer_defaults_to_openai_clip_and_is_never_downloaded(empty_hub, tmp_path):
+    from tiny_mvdream import make_tiny_mvdream
+
+    pp = find("mvdream-prompt-processor", "prompt-processor")
+    alone = make_tiny_mvdream(tmp_path / "alone", variant="sd-v1.5", tokenizer=False)
+    msg = pp.missing_weights(pp.Config(pretrained_model_name_or_path=str(alone)))
+    assert "tokenizer_name_or_path" in msg and "openai/clip-vit-large-patch14" in msg
+    assert "hf download openai/clip-vit-large-patch14 vocab.json merges.txt" in msg
+    assert "stable-diffusion-2-1-base" not in msg
+    # a safetensors twin is recognised from its header alone
+    st = make_tiny_mvdream(tmp_path / "st", variant="sd-v1.5", fmt="safetensors", tokenizer=False)
+    assert "openai/clip-vit-large-patch14" in pp.missing_weights(pp.Config(pretrained_model_name_or_path=str(st)))
+    # an absent file named after the SD 1.5 model: the message says how to fetch that one
+    cls = find(NAME, "guidance")
+    absent = cls.missing_weights(cls.Config(pretrained_model_name_or_path=str(tmp_path / "x" / "sd-v1.5-4view.pt")))
+    assert "hf download MVDream/MVDream sd-v1.5-4view.pt" in absent
+
+
+def test_the_recipe_runs_two_steps_on_the_tiny_v15_checkpoint(empty_hub, tmp_path):
+    """configs/mvdream.yaml unchanged, mvdream_model= the SD 1.5-layout file: the config smoke run with it."""
+    import runpy
+
+    smoke = runpy.run_path(str(REPO / "tests" / "core" / "test_configs_smoke.py"))
+    tiny = runpy.run_path(str(Path(__file__).with_name("tiny_mvdream.py")))
+    smoke["TINY_PRIORS"]["mvdream"] = tiny["smoke_overrides_v15"]
+    smoke["test_two_step_smoke_run"](REPO / "configs" / "mvdream.yaml", tmp_path)
+    parsed = next((tmp_path / "out").glob("*/*/configs/parsed.yaml")).read_text()
+    assert "sd-v1.5-4view.pt" in parsed

@@ -12,6 +12,11 @@ Shapes: 8x8 latents with 4 channels, a VAE that halves once (working resolution 
 of 32 and 64 channels (attention on the first only; the middle block always has it), text states
 ``[77, 32]`` from a 3-layer tower of which 2 layers are used. Seeded: same arguments, same weights.
 No weight is zero (diffusers zero-initialises some output layers; a zero layer would hide mistakes).
+
+``variant="sd-v1.5"`` writes the SD 1.5 model's layout instead (``sd-v1.5-4view.pt``): 8 heads per
+UNet level, 1x1-convolution transformer projections, and a 2-layer CLIP text model (quick-GELU, all
+layers used) under ``cond_stage_model.transformer.text_model.*`` with its ``position_ids`` buffer,
+as older transformers saved it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import pytest
 import torch
 
 from lift3d.priors.mvdream.checkpoint import (
+    CLIP_TEXT_PREFIX,
     DEFAULT_MVDREAM_FILE,
+    SD15,
     TEXT_PREFIX,
     TEXT_LAYER_KEYS,
     MVDreamArch,
@@ -53,11 +60,21 @@ TINY_ARCH = MVDreamArch(
     text=TextArch(vocab_size=len(VOCAB), width=TEXT_DIM, layers=3, heads=1, mlp_width=64, context_length=77),
 )
 
+TINY_ARCH_V15 = MVDreamArch(
+    unet=UNetArch(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention=(True, False), num_heads=8,
+                  context_dim=TEXT_DIM, camera_dim=16, linear_projection=False, sample_size=LATENT_SIZE),
+    vae=TINY_ARCH.vae,
+    text=TextArch(vocab_size=len(VOCAB), width=TEXT_DIM, layers=2, heads=1, mlp_width=64, context_length=77,
+                  skip_last=False, activation="quick_gelu"),
+    variant=SD15,
+)
+ARCHS = {"sd-v2.1-base": TINY_ARCH, "sd-v1.5": TINY_ARCH_V15}
 
-def tiny_models(seed: int = 0) -> dict[str, torch.nn.Module]:
+
+def tiny_models(seed: int = 0, variant: str = "sd-v2.1-base") -> dict[str, torch.nn.Module]:
     """The three networks at toy size, seeded, with no all-zero parameter."""
     torch.manual_seed(seed)
-    models = build_models(TINY_ARCH, empty=False)
+    models = build_models(ARCHS[variant], empty=False)
     with torch.no_grad():
         for m in models.values():
             for p in m.parameters():
@@ -104,42 +121,49 @@ def unused_text_tensors(seed: int = 1) -> dict[str, torch.Tensor]:
     return out
 
 
-def original_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.nn.Module]]:
+def original_state(seed: int = 0, variant: str = "sd-v2.1-base"
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.nn.Module]]:
     """(the checkpoint's tensors in the original layout, the networks they came from)."""
-    models = tiny_models(seed)
+    models = tiny_models(seed, variant)
     sds = state_dicts(models)
-    km = build_key_map(TINY_ARCH, {part: set(sd) for part, sd in sds.items() if part != "schedule"})
+    km = build_key_map(ARCHS[variant], {part: set(sd) for part, sd in sds.items() if part != "schedule"})
     state = to_original(km, sds)
-    state.update(unused_text_tensors(seed + 1))
+    if variant == "sd-v1.5":
+        state[CLIP_TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    else:
+        state.update(unused_text_tensors(seed + 1))
     state.update(schedule_buffers())
     return state, models
 
 
-def write_tokenizer(folder: Path) -> Path:
+def write_tokenizer(folder: Path, pad_token: str = "!") -> Path:
     """A CLIP BPE tokenizer with the toy vocabulary (padding is done by the prompt processor)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(VOCAB))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "!"}))
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}))
     return folder
 
 
-def make_tiny_mvdream(folder: str | Path, seed: int = 0, fmt: str = "pt") -> Path:
+def make_tiny_mvdream(folder: str | Path, seed: int = 0, fmt: str = "pt", variant: str = "sd-v2.1-base",
+                      tokenizer: bool = True) -> Path:
     """Write the tiny checkpoint (``pt`` or ``safetensors``) and a ``tokenizer/`` beside it; returns the file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state, _ = original_state(seed)
+    state, _ = original_state(seed, variant)
+    name = ARCHS[variant].variant.filename
     if fmt == "pt":
-        path = folder / DEFAULT_MVDREAM_FILE
+        path = folder / name
         torch.save(state, path)
     else:
         from safetensors.torch import save_file
 
-        path = folder / DEFAULT_MVDREAM_FILE.replace(".pt", ".safetensors")
+        path = folder / name.replace(".pt", ".safetensors")
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    write_tokenizer(folder / "tokenizer")
+    if tokenizer:
+        write_tokenizer(folder / "tokenizer", "<|endoftext|>" if variant == "sd-v1.5" else "!")
     return path
 
 
@@ -149,6 +173,20 @@ def smoke_overrides(tmp_path: Path) -> dict:
     if not path.is_file():
         make_tiny_mvdream(path.parent)
     return {"pretrained_model_name_or_path": str(path), "image_size": RESOLUTION}
+
+
+def smoke_overrides_v15(tmp_path: Path) -> dict:
+    """As :func:`smoke_overrides`, on the tiny SD 1.5-layout checkpoint."""
+    path = tmp_path / "tiny-mvdream-v15" / SD15.filename
+    if not path.is_file():
+        make_tiny_mvdream(path.parent, variant="sd-v1.5")
+    return {"pretrained_model_name_or_path": str(path), "image_size": RESOLUTION}
+
+
+@pytest.fixture(scope="session")
+def tiny_mvdream_v15(tmp_path_factory) -> Path:
+    """The tiny SD 1.5-layout checkpoint file, with its tokenizer folder beside it."""
+    return make_tiny_mvdream(tmp_path_factory.mktemp("tiny-mvdream-v15"), variant="sd-v1.5")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@
   from diffusers with self-attention run jointly over the views of a group and a camera embedding
   added to the timestep embedding;
 * :mod:`~lift3d.priors.mvdream.checkpoint`: the published single-file checkpoint
-  (``sd-v2.1-base-4view.pt``, original LDM key layout) read through an explicit key map into that
+  (``sd-v2.1-base-4view.pt``, or the SD 1.5 model's ``sd-v1.5-4view.pt``, told apart by their keys;
+  original LDM key layout) read through an explicit key map into that
   UNet, diffusers' VAE and transformers' CLIP text model;
 * :mod:`~lift3d.priors.mvdream.cameras`: lift3d's camera-to-world matrices as MVDream reads them;
 * :mod:`~lift3d.guidance.mvdream`: ``mvdream-guidance`` (score distillation over view

@@ -32,6 +32,22 @@ checkpoint loads as the real one does. Two things are not stored and have docume
 attention heads are :data:`HEAD_CHANNELS` channels wide (SD 2.x's UNet and ViT-H's text tower), a
 layer narrower than that getting one head; and the VAE's latent scale is :data:`SCALING_FACTOR`.
 Files are read with ``torch.load(weights_only=True)`` (no pickle code runs) or as safetensors.
+
+Two published variants (:data:`VARIANTS`), told apart by the file itself (:func:`detect_variant`):
+
+* ``sd-v2.1-base`` (``sd-v2.1-base-4view.pt``): all of the above;
+* ``sd-v1.5`` (``sd-v1.5-4view.pt``, MVDream's sd-v1.yaml): the UNet has 8 heads at every level
+  (not 64-channel heads), 768-wide text states and 1x1 convolutions as the transformers' input and
+  output projections (stored ``[o, i, 1, 1]``; diffusers builds convolutions for them too). The
+  text side is Stable Diffusion 1.x's ``FrozenCLIPEmbedder``: OpenAI CLIP ViT-L/14's text model,
+  stored under ``cond_stage_model.transformer.*`` already in transformers' ``CLIPTextModel``
+  naming (``text_model.encoder.layers.N.self_attn.q_proj``, ...), used whole (the conditioning is
+  the last layer's output after the final layer norm) with quick-GELU activations. Its vocabulary
+  is the same BPE, but texts are padded with the end token, not zeros. VAE, camera MLP (16 -> 1280
+  -> 1280) and noise schedule are the same as 2.1's.
+
+The variant is read from the text tower's prefix, or, in a file without one, from the shape of the
+UNet's transformer projections; a file whose parts disagree is refused.
 """
 
 from __future__ import annotations
@@ -61,6 +77,8 @@ DEFAULT_MVDREAM_FILE = "sd-v2.1-base-4view.pt"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.model."
+#: SD 1.x's text tower (``FrozenCLIPEmbedder``: a transformers CLIPTextModel under ``transformer``).
+CLIP_TEXT_PREFIX = "cond_stage_model.transformer."
 #: Channels per attention head when the file does not say (it never does): SD 2.x and OpenCLIP ViT-H.
 HEAD_CHANNELS = 64
 #: The KL autoencoder's latent scale in MVDream's (and SD 2.x's) config; not stored in the file.
@@ -78,6 +96,59 @@ PARTS = ("unet", "vae", "text")
 
 class CheckpointLayoutError(ConfigError):
     """A checkpoint whose keys or shapes do not match MVDream's layout (names the keys)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What differs between the published MVDream models and is not stored in the file."""
+
+    name: str
+    filename: str
+    """The file's name on the hub (MVDream/MVDream)."""
+    text_prefix: str
+    """Where the text tower's keys sit."""
+    head_channels: int | None
+    """UNet heads of this many channels (SD 2.x), or None when the count is fixed."""
+    num_heads: int | None
+    """A fixed number of UNet heads per level (SD 1.x), or None."""
+    linear_projection: bool
+    """Linear (True) or 1x1-convolution projections around the UNet's transformers."""
+    tokenizer: str
+    """Hugging Face id of a matching CLIP BPE tokenizer (the file holds no vocabulary)."""
+    tokenizer_download: str
+    """The command that fetches only that tokenizer."""
+    pad_with_end_token: bool
+    """Texts padded with the end token (transformers' CLIP tokenizer, SD 1.x) rather than zeros (open_clip)."""
+
+
+SD21 = Variant("sd-v2.1-base", "sd-v2.1-base-4view.pt", TEXT_PREFIX, head_channels=64, num_heads=None,
+               linear_projection=True, tokenizer="stabilityai/stable-diffusion-2-1-base",
+               tokenizer_download='hf download stabilityai/stable-diffusion-2-1-base --include "tokenizer/*"',
+               pad_with_end_token=False)
+SD15 = Variant("sd-v1.5", "sd-v1.5-4view.pt", CLIP_TEXT_PREFIX, head_channels=None, num_heads=8,
+               linear_projection=False, tokenizer="openai/clip-vit-large-patch14",
+               tokenizer_download=('hf download openai/clip-vit-large-patch14 vocab.json merges.txt '
+                                   'tokenizer_config.json special_tokens_map.json tokenizer.json'),
+               pad_with_end_token=True)
+#: The published variants by name.
+VARIANTS = {v.name: v for v in (SD21, SD15)}
+
+
+def detect_variant(shapes: Mapping[str, tuple]) -> Variant:
+    """The published variant a file's keys and shapes describe (CheckpointLayoutError when they mix)."""
+    has = {v.name: any(k.startswith(v.text_prefix) for k in shapes) for v in VARIANTS.values()}
+    proj = shapes.get(UNET_PREFIX + "middle_block.1.proj_in.weight")
+    by_unet = None if proj is None else (SD21 if len(proj) == 2 else SD15)
+    if has[SD21.name] and has[SD15.name]:
+        raise CheckpointLayoutError(f"the checkpoint holds two text towers ({SD21.text_prefix}* of MVDream sd-v2.1 "
+                                    f"and {SD15.text_prefix}* of MVDream sd-v1.5); it is neither published model")
+    by_text = SD21 if has[SD21.name] else SD15 if has[SD15.name] else None
+    if by_text is not None and by_unet is not None and by_text is not by_unet:
+        raise CheckpointLayoutError(
+            f"the checkpoint's text tower ({by_text.text_prefix}*) is MVDream {by_text.name}'s, but its UNet's "
+            f"transformer projections ({UNET_PREFIX}middle_block.1.proj_in.weight {tuple(proj)}) are "
+            f"{'linear' if by_unet.linear_projection else '1x1 convolutions'}, as in {by_unet.name}")
+    return by_text or by_unet or SD21
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +183,8 @@ class VaeArch:
 
 @dataclass(frozen=True)
 class TextArch:
-    """The OpenCLIP text tower (all its layers; the model built from it drops the last one)."""
+    """The text tower: all its layers, of which the model built from it keeps all (SD 1.x's CLIP,
+    ``skip_last=False``) or all but the last (OpenCLIP's penultimate layer, ``skip_last=True``)."""
 
     vocab_size: int = 49408
     width: int = 1024
@@ -120,14 +192,22 @@ class TextArch:
     heads: int = 16
     mlp_width: int = 4096
     context_length: int = 77
+    skip_last: bool = True
+    """MVDream 2.1 conditions on the penultimate layer; 1.5 on the last."""
+    activation: str = "gelu"
+    """The MLP's activation: OpenCLIP ViT-H uses GELU, OpenAI CLIP ViT-L quick-GELU."""
+
+    @property
+    def used_layers(self) -> int:
+        return self.layers - 1 if self.skip_last else self.layers
 
     def transformers_config(self) -> Any:
         from transformers import CLIPTextConfig
 
         return CLIPTextConfig(
             vocab_size=self.vocab_size, hidden_size=self.width, intermediate_size=self.mlp_width,
-            num_hidden_layers=self.layers - 1, num_attention_heads=self.heads,
-            max_position_embeddings=self.context_length, hidden_act="gelu", layer_norm_eps=1e-5,
+            num_hidden_layers=self.used_layers, num_attention_heads=self.heads,
+            max_position_embeddings=self.context_length, hidden_act=self.activation, layer_norm_eps=1e-5,
             # CLIP's BPE puts its two special tokens last; padding is id 0, as open_clip pads.
             bos_token_id=self.vocab_size - 2, eos_token_id=self.vocab_size - 1, pad_token_id=0,
         )
@@ -139,13 +219,15 @@ class MVDreamArch:
     vae: VaeArch
     text: TextArch | None
     """None for a file without the text tower (a UNet-and-VAE file; only the guidance can use it)."""
+    variant: Variant = SD21
+    """The published model the file is (:func:`detect_variant`)."""
 
 
 def _need(shapes: Mapping[str, tuple], key: str, what: str) -> tuple:
     if key not in shapes:
         raise CheckpointLayoutError(f"the checkpoint has no {key!r} ({what}); it is not an MVDream checkpoint in "
                                     "the original layout (model.diffusion_model.*, first_stage_model.*, "
-                                    "cond_stage_model.model.*)")
+                                    "cond_stage_model.model.* or cond_stage_model.transformer.*)")
     return tuple(shapes[key])
 
 
@@ -165,8 +247,9 @@ def _heads(width: int, head_channels: int, what: str) -> int:
 
 
 def infer_unet_arch(shapes: Mapping[str, tuple], head_channels: int = HEAD_CHANNELS,
-                    sample_size: int = 32) -> UNetArch:
-    """The UNet that the ``model.diffusion_model.*`` shapes describe."""
+                    sample_size: int = 32, num_heads: int | None = None) -> UNetArch:
+    """The UNet that the ``model.diffusion_model.*`` shapes describe (heads of ``head_channels``
+    channels, or ``num_heads`` heads per level when given)."""
     p = UNET_PREFIX
     conv_in = _need(shapes, p + "input_blocks.0.0.weight", "the UNet's input convolution")
     camera = shapes.get(p + "camera_embed.0.weight")
@@ -200,11 +283,15 @@ def infer_unet_arch(shapes: Mapping[str, tuple], head_channels: int = HEAD_CHANN
         in_channels=in_ch, out_channels=int(_need(shapes, p + "out.2.weight", "the output convolution")[0]),
         model_channels=mc, channel_mult=tuple(w // mc for w in widths), num_res_blocks=nres,
         attention=tuple(p + f"input_blocks.{i}.1.norm.weight" in shapes for i in first),
-        head_channels=head_channels, context_dim=int(context[1]), camera_dim=int(camera[1]),
+        head_channels=head_channels, num_heads=num_heads, context_dim=int(context[1]), camera_dim=int(camera[1]),
         transformer_depth=depth, linear_projection=len(proj_in) == 2, sample_size=sample_size,
     )
     for lv, width in enumerate(arch.block_out_channels):
-        _heads(width, head_channels, f"UNet level {lv}")
+        if num_heads is None:
+            _heads(width, head_channels, f"UNet level {lv}")
+        elif width % num_heads:
+            raise CheckpointLayoutError(f"UNet level {lv} is {width} channels wide, which does not split into "
+                                        f"{num_heads} heads")
     return arch
 
 
@@ -229,6 +316,21 @@ def infer_vae_arch(shapes: Mapping[str, tuple], sample_size: int = 256) -> VaeAr
                    sample_size=sample_size)
 
 
+def infer_clip_text_arch(shapes: Mapping[str, tuple], head_channels: int = HEAD_CHANNELS) -> TextArch | None:
+    """SD 1.x's CLIP text model that the ``cond_stage_model.transformer.*`` shapes describe (None if absent)."""
+    p = CLIP_TEXT_PREFIX + "text_model."
+    if p + "embeddings.token_embedding.weight" not in shapes:
+        return None
+    vocab, width = (int(s) for s in shapes[p + "embeddings.token_embedding.weight"])
+    layers = len(_indices(shapes, p + "encoder.layers."))
+    if layers < 1:
+        raise CheckpointLayoutError(f"the text tower under {p} has no layers ({p}encoder.layers.N.*)")
+    mlp = _need(shapes, p + "encoder.layers.0.mlp.fc1.weight", "the text tower's MLP")
+    context = _need(shapes, p + "embeddings.position_embedding.weight", "the text tower's positions")
+    return TextArch(vocab_size=vocab, width=width, layers=layers, heads=_heads(width, head_channels, "the text tower"),
+                    mlp_width=int(mlp[0]), context_length=int(context[0]), skip_last=False, activation="quick_gelu")
+
+
 def infer_text_arch(shapes: Mapping[str, tuple], head_channels: int = HEAD_CHANNELS) -> TextArch | None:
     """The OpenCLIP text tower that the ``cond_stage_model.model.*`` shapes describe (None if absent)."""
     p = TEXT_PREFIX
@@ -245,14 +347,29 @@ def infer_text_arch(shapes: Mapping[str, tuple], head_channels: int = HEAD_CHANN
                     mlp_width=int(mlp[0]), context_length=int(context[0]))
 
 
-def infer_architecture(shapes: Mapping[str, tuple], head_channels: int = HEAD_CHANNELS,
-                       image_size: int = 256) -> MVDreamArch:
-    """Every network's shape from the file's tensor shapes; ``image_size`` is the working resolution."""
+def infer_architecture(shapes: Mapping[str, tuple], head_channels: int | None = None,
+                       image_size: int = 256, num_heads: int | None = None) -> MVDreamArch:
+    """Every network's shape from the file's tensor shapes; ``image_size`` is the working resolution.
+
+    The variant (:func:`detect_variant`) sets how the UNet's heads are counted; ``head_channels``
+    or ``num_heads`` override it (the text towers always have 64-channel heads)."""
+    variant = detect_variant(shapes)
     vae = infer_vae_arch(shapes, sample_size=image_size)
     if image_size % vae.downscale:
         raise ConfigError(f"image_size {image_size} is not a multiple of the VAE's downscale factor {vae.downscale}")
-    unet = infer_unet_arch(shapes, head_channels, sample_size=image_size // vae.downscale)
-    return MVDreamArch(unet=unet, vae=vae, text=infer_text_arch(shapes, head_channels))
+    if head_channels is None and num_heads is None:
+        head_channels, num_heads = variant.head_channels, variant.num_heads
+    unet = infer_unet_arch(shapes, head_channels or HEAD_CHANNELS, sample_size=image_size // vae.downscale,
+                           num_heads=num_heads)
+    if unet.linear_projection != variant.linear_projection:
+        raise CheckpointLayoutError(
+            f"MVDream {variant.name}'s UNet has {'linear' if variant.linear_projection else '1x1-convolution'} "
+            f"transformer projections; this file's {UNET_PREFIX}middle_block.1.proj_in.weight is not")
+    text = infer_clip_text_arch(shapes) if variant is SD15 else infer_text_arch(shapes, head_channels or HEAD_CHANNELS)
+    if text is not None and text.width != unet.context_dim:
+        raise CheckpointLayoutError(f"the text tower is {text.width} wide but the UNet's cross-attention reads "
+                                    f"{unet.context_dim}-wide states")
+    return MVDreamArch(unet=unet, vae=vae, text=text, variant=variant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +452,24 @@ def _text_root(model_keys: set[str]) -> str:
     return "text_model." if any(k.startswith("text_model.") for k in model_keys) else ""
 
 
+#: One layer of SD 1.x's CLIP text model: the file already uses transformers' names.
+CLIP_LAYER = tuple(Row(m, m) for m in ("layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                       "self_attn.out_proj", "layer_norm2", "mlp.fc1", "mlp.fc2"))
+
+
+def _add_clip_text(km: "KeyMap", t: TextArch, keys: set[str]) -> None:
+    """``cond_stage_model.transformer.text_model.*`` -> CLIPTextModel, every layer kept."""
+    p, root = CLIP_TEXT_PREFIX + "text_model.", _text_root(keys)
+    km.add(p + "embeddings.token_embedding.weight", Target("text", root + "embeddings.token_embedding.weight"))
+    km.add(p + "embeddings.position_embedding.weight", Target("text", root + "embeddings.position_embedding.weight"))
+    km.add_blocks("text", p, [("final_layer_norm", "final_layer_norm", LEAF)], keys, root)
+    for i in range(t.layers):
+        km.add_blocks("text", p, [(f"encoder.layers.{i}", f"encoder.layers.{i}", CLIP_LAYER)], keys, root)
+    # Older transformers saved the position index buffer with the weights; newer ones rebuild it.
+    km.unused[p + "embeddings.position_ids"] = "CLIPTextModel's position index buffer (0..76), rebuilt"
+    km.optional.add(p + "embeddings.position_ids")
+
+
 def build_key_map(arch: MVDreamArch, model_keys: Mapping[str, set[str]]) -> KeyMap:
     """The key map for ``arch``; ``model_keys[part]`` are the parameter names of the models built
     from it (rows name a parameter only where the model has it: a ResNet block has a shortcut
@@ -342,7 +477,9 @@ def build_key_map(arch: MVDreamArch, model_keys: Mapping[str, set[str]]) -> KeyM
     km = KeyMap()
     km.add_blocks("unet", UNET_PREFIX, unet_blocks(arch.unet), model_keys["unet"])
     km.add_blocks("vae", VAE_PREFIX, vae_blocks(arch.vae), model_keys["vae"])
-    if arch.text is not None and "text" in model_keys:
+    if arch.text is not None and "text" in model_keys and arch.variant is SD15:
+        _add_clip_text(km, arch.text, model_keys["text"])
+    elif arch.text is not None and "text" in model_keys:
         keys = model_keys["text"]
         root = _text_root(keys)
         p, t = TEXT_PREFIX, arch.text
@@ -446,6 +583,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple]:
+    """Key -> shape of a checkpoint file, without reading its tensors where the format allows
+    (safetensors' header; a zip ``.pt`` memory-mapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {k: tuple(v.shape) for k, v in read_checkpoint(path).items()}
+
+
+def checkpoint_variant(path: str | Path) -> Variant:
+    """The published variant of the checkpoint file at ``path`` (:func:`detect_variant`)."""
+    return detect_variant(checkpoint_shapes(path))
+
+
 def default_alphas_cumprod() -> Tensor:
     """MVDream's schedule: betas linear in their square root from BETA_START to BETA_END."""
     betas = torch.linspace(math.sqrt(BETA_START), math.sqrt(BETA_END), NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
@@ -516,15 +670,16 @@ class MVDreamWeights:
     text_encoder: nn.Module | None = None
 
 
-def load_mvdream(path: str | Path, parts: Sequence[str] = PARTS, *, head_channels: int = HEAD_CHANNELS,
+def load_mvdream(path: str | Path, parts: Sequence[str] = PARTS, *, head_channels: int | None = None,
                  image_size: int = 256, dtype: torch.dtype = torch.float32,
-                 state: Mapping[str, Tensor] | None = None) -> MVDreamWeights:
+                 state: Mapping[str, Tensor] | None = None, num_heads: int | None = None) -> MVDreamWeights:
     """Read an MVDream checkpoint (original layout) into the networks named by ``parts``.
 
     Every key of the file must be placed by the key map (also the keys of parts not asked for), and
     every parameter of the networks asked for must be filled; otherwise CheckpointLayoutError lists
     the keys. ``image_size`` is the working resolution in pixels (256 for the published model): it
-    is not stored in the file. ``state`` skips reading ``path`` (tests).
+    is not stored in the file. ``state`` skips reading ``path`` (tests). The variant (2.1 or 1.5) is
+    read off the file; ``head_channels`` / ``num_heads`` override its UNet head layout (toy models).
     """
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -532,9 +687,11 @@ def load_mvdream(path: str | Path, parts: Sequence[str] = PARTS, *, head_channel
     source = str(path)
     state = read_checkpoint(path) if state is None else state
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    arch = infer_architecture(shapes, head_channels, image_size)
+    arch = infer_architecture(shapes, head_channels, image_size, num_heads)
     if "text" in parts and arch.text is None:
-        raise CheckpointLayoutError(f"{source} has no text tower (no {TEXT_PREFIX}token_embedding.weight)")
+        raise CheckpointLayoutError(f"{source} has no text tower (no {TEXT_PREFIX}token_embedding.weight, as in "
+                                    f"MVDream sd-v2.1, nor {CLIP_TEXT_PREFIX}text_model.embeddings."
+                                    "token_embedding.weight, as in sd-v1.5)")
     models = build_models(arch)
     params = {part: dict(_weights_of(part, m).state_dict()) for part, m in models.items()}
     km = build_key_map(arch, {part: set(p) for part, p in params.items()})
@@ -605,11 +762,15 @@ def resolve_checkpoint(name_or_path: str, filename: str = DEFAULT_MVDREAM_FILE, 
         raise MissingWeightsError(f"config key '{key}' = {name_or_path!r}: the folder {local.resolve()} holds no "
                                   f"{filename}; get it from {hub_url(DEFAULT_MVDREAM_MODEL)} (file {filename}).")
     if _HUB_ID.fullmatch(name_or_path) is None or name_or_path.endswith((".pt", ".ckpt", ".safetensors")):
+        # a path named after a published file asks for that file (the SD 1.5 model's, say)
+        wanted = next((v.filename for v in VARIANTS.values() if local.name == v.filename), DEFAULT_MVDREAM_FILE)
+        others = ", ".join(v.filename for v in VARIANTS.values() if v.filename != wanted)
         raise MissingWeightsError(
             f"config key '{key}' = {name_or_path!r}: no such file ({local.resolve()}). Give the MVDream checkpoint "
-            f"file (from {hub_url(DEFAULT_MVDREAM_MODEL)}, file {DEFAULT_MVDREAM_FILE}: "
-            f"`{download_command(DEFAULT_MVDREAM_MODEL)} {DEFAULT_MVDREAM_FILE}` on a machine with internet), a "
-            f"folder that holds it, or the id {DEFAULT_MVDREAM_MODEL} once it is in the Hugging Face cache.")
+            f"file (from {hub_url(DEFAULT_MVDREAM_MODEL)}, file {wanted}: "
+            f"`{download_command(DEFAULT_MVDREAM_MODEL)} {wanted}` on a machine with internet; the other published "
+            f"model, {others}, loads the same way), a folder that holds it, or the id {DEFAULT_MVDREAM_MODEL} once "
+            f"it is in the Hugging Face cache (with filename= naming the file).")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -631,5 +792,6 @@ __all__ = [
     "VaeArch", "TextArch", "MVDreamArch", "infer_architecture", "infer_unet_arch", "infer_vae_arch", "infer_text_arch",
     "Row", "Target", "KeyMap", "build_key_map", "unet_blocks", "vae_blocks", "build_models", "read_checkpoint",
     "check_placement", "gather_part", "load_mvdream", "to_original", "MVDreamWeights", "resolve_checkpoint",
-    "default_alphas_cumprod", "parameters_on_meta",
+    "default_alphas_cumprod", "parameters_on_meta", "Variant", "VARIANTS", "SD21", "SD15", "detect_variant",
+    "checkpoint_variant", "checkpoint_shapes", "infer_clip_text_arch", "CLIP_TEXT_PREFIX", "CLIP_LAYER",
 ]

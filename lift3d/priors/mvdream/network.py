@@ -1,6 +1,7 @@
 """MVDream's multi-view UNet, assembled from diffusers parts.
 
-MVDream (Shi et al. 2023) fine-tunes Stable Diffusion 2.1-base to denoise ``f`` views of one object
+MVDream (Shi et al. 2023) fine-tunes Stable Diffusion 2.1-base (and, in a second published model,
+SD 1.5) to denoise ``f`` views of one object
 together. Two changes to SD's UNet do it, and both are expressed here without a copy of the
 original network:
 
@@ -16,8 +17,9 @@ original network:
   and the MLP's weights sit at ``class_embedding.linear_1`` / ``linear_2``.
 
 Everything else (ResNet blocks, transformer blocks, up/down sampling, the sinusoidal time
-projection with cosines first) is diffusers' ``UNet2DConditionModel`` in its SD 2.x configuration.
-:class:`UNetArch` describes one such network; :data:`SD21_BASE_UNET` is the published model's.
+projection with cosines first) is diffusers' ``UNet2DConditionModel`` in its SD 2.x (or 1.x)
+configuration. :class:`UNetArch` describes one such network; :data:`SD21_BASE_UNET` and
+:data:`SD15_UNET` are the published models'.
 """
 
 from __future__ import annotations
@@ -50,9 +52,13 @@ class UNetArch:
     attention: tuple[bool, ...] = (True, True, True, False)
     """Whether each level has transformer blocks (the middle block always has one)."""
     head_channels: int = 64
-    """Channels per attention head (SD 2.x: 64). A level narrower than this gets a single head."""
+    """Channels per attention head (SD 2.x: 64). A level narrower than this gets a single head.
+    Ignored when ``num_heads`` is set."""
+    num_heads: int | None = None
+    """A fixed number of heads at every level (SD 1.x: 8, so the head width grows with the level);
+    None: heads of ``head_channels`` channels (SD 2.x)."""
     context_dim: int = 1024
-    """Width of the text states cross-attention reads (OpenCLIP ViT-H: 1024)."""
+    """Width of the text states cross-attention reads (OpenCLIP ViT-H: 1024; CLIP ViT-L: 768)."""
     camera_dim: int = 16
     """Input width of the camera MLP (a flattened 4x4 matrix)."""
     transformer_depth: int = 1
@@ -74,7 +80,11 @@ class UNetArch:
         """Attention heads per level (the middle block uses the last level's count)."""
         out = []
         for width in self.block_out_channels:
-            if width <= self.head_channels:
+            if self.num_heads is not None:
+                if self.num_heads < 1 or width % self.num_heads:
+                    raise ValueError(f"a UNet level of {width} channels does not split into {self.num_heads} heads")
+                out.append(self.num_heads)
+            elif width <= self.head_channels:
                 out.append(1)
             elif width % self.head_channels:
                 raise ValueError(f"a UNet level of {width} channels does not split into heads of "
@@ -101,6 +111,9 @@ class UNetArch:
 
 #: The published ``sd-v2.1-base-4view`` UNet (MVDream's sd-v2-base.yaml), working at 32x32 latents.
 SD21_BASE_UNET = UNetArch()
+#: The published ``sd-v1.5-4view`` UNet (MVDream's sd-v1.yaml): 8 heads per level, CLIP ViT-L's 768-wide
+#: text states, 1x1-convolution projections around the transformers; otherwise as the 2.1 one.
+SD15_UNET = UNetArch(num_heads=8, context_dim=768, linear_projection=False)
 
 
 class MultiViewAttnProcessor:
@@ -183,4 +196,5 @@ class MultiViewUNet(nn.Module):
                          cross_attention_kwargs={"num_views": int(num_views)}).sample
 
 
-__all__ = ["UNetArch", "SD21_BASE_UNET", "MultiViewAttnProcessor", "MultiViewUNet", "install_multiview_attention"]
+__all__ = ["UNetArch", "SD21_BASE_UNET", "SD15_UNET", "MultiViewAttnProcessor", "MultiViewUNet",
+           "install_multiview_attention"]
