@@ -570,11 +570,6 @@ def choose_launch_threads(argv: list[str] | None) -> Optional[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    words = sys.argv[1:] if argv is None else argv
-    if words[:1] == ["app"]:  # ``lift3d app``: the web page (lift3d.app), sharing the console script
-        from lift3d.app.__main__ import main as app_main
-
-        sys.exit(app_main(words[1:]))
     try:
         threads = choose_launch_threads(argv)
     except ConfigError as exc:

@@ -150,8 +150,8 @@ def test_lift3d_app_command_binds_to_localhost_by_default():
 
     args = build_parser().parse_args([])
     assert args.host == "127.0.0.1" and args.port == 7860
-    # ``lift3d app`` goes through the console script's entry point, lift3d.launch:main.
-    out = subprocess.run([sys.executable, "-c", "import sys; from lift3d.launch import main; "
+    # ``lift3d app`` goes through the console script's entry point, lift3d.cli:main.
+    out = subprocess.run([sys.executable, "-c", "import sys; from lift3d.cli import main; "
                           "sys.argv = ['lift3d', 'app', '--help']; main()"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
