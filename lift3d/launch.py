@@ -285,11 +285,10 @@ def pick_accelerator(device: str) -> str:
         if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise ConfigError("--device mps was asked for but MPS is not available (use --device cpu or auto)")
         return "gpu" if device == "cuda" else device
-    if torch.cuda.is_available():
-        return "gpu"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    from lift3d.utils.devices import best_device
+
+    kind = best_device().type
+    return "gpu" if kind == "cuda" else kind
 
 
 def load_experiment(config_path: str, overrides: list[str], seed: int | None = None):

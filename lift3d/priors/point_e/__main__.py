@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from lift3d.config import ConfigError
+from lift3d.utils.devices import best_device
 
 from .checkpoint import BASE_FILE, UPSAMPLER_FILE
 from .diffusion import BASE_SAMPLER
@@ -41,18 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str | None):
-    import torch
-
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def sample(args: argparse.Namespace) -> Path:
     import torch
 
@@ -63,7 +52,7 @@ def sample(args: argparse.Namespace) -> Path:
     upsampler = None if args.no_upsample else args.upsampler
     prior = PointEPrior.from_pretrained(args.base, args.clip, upsampler=upsampler, heads=args.heads,
                                        n_ctx=args.points, upsampler_n_ctx=args.upsampler_points)
-    dev = _device(args.device)
+    dev = best_device(args.device)
     prior.to(dev)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     xyz, rgb = prior.sample([args.prompt], steps=args.steps, guidance_scale=args.guidance_scale,

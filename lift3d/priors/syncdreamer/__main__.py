@@ -15,6 +15,7 @@ import sys
 from typing import Optional
 
 from lift3d.config import ConfigError
+from lift3d.utils.devices import best_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,9 +56,7 @@ def sample_command(args: argparse.Namespace) -> int:
     from lift3d.priors.syncdreamer.sampler import sample_views
     from lift3d.priors.zero123pp.views import write_views
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    device = str(best_device(args.device))
     dtype = torch.float16 if device == "cuda" else torch.float32
     rgb, alpha = read_image(args.image, "--image")
     model = checkpoint.load(args.model, "--model", dtype=dtype).to(device)

@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 from lift3d.config import ConfigError
+from lift3d.utils.devices import best_device
 
 
 def _version_of(model: str) -> str:
@@ -62,9 +63,7 @@ def sample_command(args: argparse.Namespace) -> int:
 
     view_cameras(version, args.distance, args.fovy)  # a v1.1 table without --fovy fails before loading
     folder = resolve_model(args.model, key="--model")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    device = str(best_device(args.device))
     dtype = torch.float16 if device == "cuda" else torch.float32
     rgb, alpha = read_image(args.image, "--image")
     image = prepare_input(rgb, alpha, recenter_ratio=None if args.no_recenter else args.foreground_ratio)
