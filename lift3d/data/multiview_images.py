@@ -17,7 +17,9 @@ rank), so a resumed run draws what an uninterrupted one would. A batch carries:
 
 The cameras come from a views folder's ``cameras.json`` (``views_dir``: any generator's views,
 layout in :mod:`lift3d.priors.zero123pp.views`), or, for views the guidance has yet to generate,
-from the generator's pose table (``pose_table``, with ``views_distance`` / ``views_fovy_deg``).
+from the generator's pose table (``pose_table``, with ``views_distance`` / ``views_fovy_deg``),
+whose azimuths are relative to the input view: they are turned by ``ref_azimuth_deg`` (the batch's
+``input_azimuth``, which the guidance adds to the cameras of the views it generates).
 Validation and test orbits are random-camera-datamodule's; its random-view settings
 (elevation_range, ...) are not used for training.
 """
@@ -123,15 +125,20 @@ class MultiviewImagesDataModule(SingleImageDataModule):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7_919 + rank * 104_729 + 31) % (2**63 - 1))
         idx = torch.randperm(n, generator=g)[: cfg.batch_size]
         h, w = int(C(cfg.height, step)), int(C(cfg.width, step))
-        batch = make_cameras(table["elevation"][idx], table["azimuth"][idx], table["distance"][idx],
+        azimuth = table["azimuth"][idx]
+        if not cfg.views_dir:  # a pose table's azimuths are relative to the input view's
+            azimuth = torch.remainder(azimuth + float(cfg.ref_azimuth_deg) + 180.0, 360.0) - 180.0
+        batch = make_cameras(table["elevation"][idx], azimuth, table["distance"][idx],
                              table["fovy"][idx], h, w)
         batch["light_positions"] = batch["camera_positions"].clone()
         batch["view_index"] = idx
         batch["n_views"] = 1
         if cfg.views_shading is not None:
             batch["shading"] = cfg.views_shading
-        if self._views_cache is not None and not cfg.views_dir:
-            batch["views_cache"] = str(self._views_cache)
+        if not cfg.views_dir:
+            batch["input_azimuth"] = float(cfg.ref_azimuth_deg)  # the guidance turns the generated views by it
+            if self._views_cache is not None:
+                batch["views_cache"] = str(self._views_cache)
         batch["ref"] = self.ref_batch(step)
         return batch
 

@@ -52,6 +52,25 @@ def _angle_gap(a: Tensor, b: Tensor) -> Tensor:
     return torch.remainder(a - b + 180.0, 360.0).sub(180.0).abs()
 
 
+@dataclass
+class ViewLossConfig(DiffusionGuidance.Config):
+    """The reconstruction-loss settings every generate-then-reconstruct guidance shares (a generator's
+    config redeclares ``background_color`` / ``mask_threshold`` with its own defaults)."""
+
+    background_color: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """The views' background, for masks of RGB views; a folder's cameras.json ``background`` takes precedence."""
+    mask_threshold: float = 0.06
+    """A pixel of an RGB view is foreground when it differs from the background colour by more than
+    this in some channel."""
+    mask_loss: Literal["mse", "bce"] = "mse"
+    """How ``loss_mask`` compares the rendered opacity with the view's mask."""
+    masked_rgb: bool = False
+    """Compare colours on the view's foreground only."""
+    camera_tolerance: float = 1e-3
+    """Largest relative difference of distance / field of view, and degrees of angle, between a batch
+    camera and its view's before the batch is refused (scaled to degrees x 100 for angles)."""
+
+
 @register("multiview-images-guidance")
 class MultiviewImagesGuidance(DiffusionGuidance):
     """RGB and mask losses of renders against generated views (Zero123++'s, or a views folder's)."""
@@ -60,7 +79,7 @@ class MultiviewImagesGuidance(DiffusionGuidance):
     generator_label = "Zero123++"
 
     @dataclass
-    class Config(DiffusionGuidance.Config):
+    class Config(ViewLossConfig):
         guidance_scale: float = 4.0
         """Classifier-free guidance scale of the sampling (the Zero123++ pipeline's default 4)."""
         views_dir: Optional[str] = None
@@ -94,19 +113,9 @@ class MultiviewImagesGuidance(DiffusionGuidance):
         """dtype of the generator's weights; null: float16 on CUDA (with half_precision_weights), else float32."""
         half_precision_weights: bool = True
         """float16 weights on CUDA when torch_dtype is null."""
-        background_color: tuple[float, float, float] = (0.5, 0.5, 0.5)
-        """The views' background (Zero123++: mid grey), for masks of RGB views; a folder's cameras.json
-        ``background`` takes precedence."""
         mask_threshold: float = 0.06
-        """A pixel of an RGB view is foreground when it differs from the background colour by more than
-        this in some channel (0.06 is 15 of 255 levels: above the VAE's flat-background noise)."""
-        mask_loss: Literal["mse", "bce"] = "mse"
-        """How ``loss_mask`` compares the rendered opacity with the view's mask."""
-        masked_rgb: bool = False
-        """Compare colours on the view's foreground only."""
-        camera_tolerance: float = 1e-3
-        """Largest relative difference of distance / field of view, and degrees of angle, between a batch
-        camera and its view's before the batch is refused (scaled to degrees x 100 for angles)."""
+        """Foreground threshold of RGB views (0.06 is 15 of 255 levels: above the VAE's flat-background
+        noise). The views' background is Zero123++'s mid grey (``background_color``)."""
 
     cfg: Config
 
@@ -133,6 +142,11 @@ class MultiviewImagesGuidance(DiffusionGuidance):
             raise ConfigError(f"{self._cfg_key}.foreground_ratio must be in (0, 1], got {c.foreground_ratio}")
         if c.num_inference_steps < 1 or c.view_size < 1:
             raise ConfigError(f"{self._cfg_key}: num_inference_steps and view_size must be positive")
+        self.configure_views()
+
+    def configure_views(self) -> None:
+        """The checks and state every generator's guidance shares; its ``configure`` calls this last."""
+        c = self.cfg
         if not 0.0 <= c.mask_threshold < 1.0:
             raise ConfigError(f"{self._cfg_key}.mask_threshold must be in [0, 1), got {c.mask_threshold}")
         if c.views_dir:
@@ -220,6 +234,11 @@ class MultiviewImagesGuidance(DiffusionGuidance):
             cache = cache_dir or c.cache_dir or (inp.extras.get("views_cache") if inp is not None else None)
             image, raw = self._input(inp)
             record = self.record(raw)
+            # The generators draw their views around the input view at azimuth 0; the data module puts the
+            # input at data.ref_azimuth_deg and sends it as input_azimuth, so the views turn with it.
+            offset = float(inp.extras.get("input_azimuth", 0.0)) if inp is not None else 0.0
+            if offset:
+                record["input_azimuth"] = offset
             found = read_record(cache) if cache else None
             if found == record:
                 vs = read_views(cache, f"{self._cfg_key}.cache_dir")
@@ -230,6 +249,8 @@ class MultiviewImagesGuidance(DiffusionGuidance):
                 distance = float(inp.cameras.distance[0]) if inp is not None else None
                 fovy = float(inp.cameras.fovy[0]) if inp is not None else None
                 vs, grid = self.generate(image, dev, distance, fovy)
+                vs.cameras = {**vs.cameras, "azimuth": torch.remainder(vs.cameras["azimuth"].float() + offset + 180.0,
+                                                                       360.0) - 180.0}
                 vs.record = record
                 if cache:
                     write_views(cache, vs.rgb.permute(0, 3, 1, 2), vs.cameras, grid=grid, input_image=image[0],
@@ -343,7 +364,7 @@ class SyncDreamerGuidance(MultiviewImagesGuidance):
     generator_label = "SyncDreamer"
 
     @dataclass
-    class Config(DiffusionGuidance.Config):
+    class Config(ViewLossConfig):
         guidance_scale: float = 2.0
         """Classifier-free guidance scale (the authors' 2.0; 1.5 also suggested)."""
         views_dir: Optional[str] = None
@@ -375,14 +396,6 @@ class SyncDreamerGuidance(MultiviewImagesGuidance):
         """float16 weights on CUDA when torch_dtype is null."""
         background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
         """The views' background (SyncDreamer: white), for masks of RGB views."""
-        mask_threshold: float = 0.06
-        """A pixel of an RGB view is foreground when it differs from the background by more than this."""
-        mask_loss: Literal["mse", "bce"] = "mse"
-        """How ``loss_mask`` compares the rendered opacity with the view's mask."""
-        masked_rgb: bool = False
-        """Compare colours on the view's foreground only."""
-        camera_tolerance: float = 1e-3
-        """As multiview-images-guidance's."""
 
     cfg: Config
 
@@ -405,14 +418,7 @@ class SyncDreamerGuidance(MultiviewImagesGuidance):
             raise ConfigError(f"{self._cfg_key}: num_inference_steps and view_batch must be positive")
         if c.recenter and not 0.0 < c.foreground_ratio <= 1.0:
             raise ConfigError(f"{self._cfg_key}.foreground_ratio must be in (0, 1], got {c.foreground_ratio}")
-        if not 0.0 <= c.mask_threshold < 1.0:
-            raise ConfigError(f"{self._cfg_key}.mask_threshold must be in [0, 1), got {c.mask_threshold}")
-        if c.views_dir:
-            from lift3d.priors.zero123pp.views import read_cameras
-
-            read_cameras(c.views_dir, f"{self._cfg_key}.views_dir")
-        self.__dict__["views"] = None
-        self.__dict__["_targets"] = {}
+        self.configure_views()
 
     def record(self, image_bytes: bytes) -> dict[str, Any]:
         c = self.cfg
@@ -459,4 +465,4 @@ class SyncDreamerGuidance(MultiviewImagesGuidance):
                        background=tuple(c.background_color)), strip
 
 
-__all__ = ["MultiviewImagesGuidance", "SyncDreamerGuidance"]
+__all__ = ["MultiviewImagesGuidance", "SyncDreamerGuidance", "ViewLossConfig"]

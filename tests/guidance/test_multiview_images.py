@@ -244,3 +244,16 @@ def test_the_recipe_samples_once_and_a_resumed_run_reuses_the_trials_views(tiny_
                 f"resume={trial / 'ckpts' / 'last.ckpt'}"] + over) == 0
     assert torch.equal(read_views(views).rgb, before)
     assert list(trial.glob("save/it3-export/*"))
+
+
+def test_pose_table_views_turn_with_the_input_view_and_a_folders_do_not(tmp_path, sphere_folder):
+    table = view_cameras("v1.2")
+    turned = _data(tmp_path, ref_azimuth_deg=30.0, batch_size=6)
+    b = turned.training_batch(0)
+    want = torch.remainder(table["azimuth"][b["view_index"]] + 30.0 + 180.0, 360.0) - 180.0
+    assert torch.allclose(b["azimuth"], want) and b["input_azimuth"] == 30.0
+    assert sorted(torch.round(b["azimuth"]).tolist()) == [-180.0, -120.0, -60.0, 0.0, 60.0, 120.0]
+    # a folder's cameras.json holds where its views are: no turn, and nothing for the guidance to add
+    folder = _data(tmp_path, views_dir=str(sphere_folder), ref_azimuth_deg=30.0, batch_size=6).training_batch(0)
+    own = read_views(sphere_folder).cameras["azimuth"]
+    assert torch.allclose(folder["azimuth"], own[folder["view_index"]]) and "input_azimuth" not in folder
