@@ -39,6 +39,13 @@ class ProgressFile(Callback):
     def _write(self, trainer: Any, pl_module: Any, phase: str) -> None:
         if not trainer.is_global_zero:
             return
+        if self._rate is None and self._rate_ref is not None:
+            # Steps done before any batch-end write (all inside min_interval_s) still give a figure when
+            # the next write comes from another hook (a validation after the first few fast steps).
+            t0, s0 = self._rate_ref
+            now = time.monotonic()
+            if now > t0 and trainer.global_step > s0:
+                self._rate = (trainer.global_step - s0) / (now - t0)
         losses = {}
         for k, v in trainer.callback_metrics.items():
             if k.startswith("train/loss"):

@@ -135,6 +135,8 @@ CASES = {
     "multiview-images-guidance": Case(lambda w: {"views_dir": str(w)}, noise_shape=None, family="zero123pp"),
     # SyncDreamer's subclass on the same views folder (its sampling is tested in tests/priors/test_syncdreamer.py).
     "syncdreamer-guidance": Case(lambda w: {"views_dir": str(w)}, noise_shape=None, family="zero123pp"),
+    # The toy generator's subclass likewise (its sampling: tests/guidance/test_toyworld_zero123_views.py).
+    "toyworld-zero123-views-guidance": Case(lambda w: {"views_dir": str(w)}, noise_shape=None, family="zero123pp"),
     # The suite's inputs are groups of 2 views: both multi-view networks take any group size (trained on 4).
     "toyworld-mv-guidance": Case(lambda w: {"pretrained": str(w), "n_views": 2, "guidance_scale": 5.0},
                                  family="toyworld-mv"),
