@@ -17,7 +17,13 @@ Image-to-3D recipes (``configs/tiny/image-to-3d.yaml``) take ``--image-camera EL
 object is first rendered exactly by the toy world at that camera (distance 2, fov 40, lit from the
 camera, an RGBA PNG under ``<out>/inputs/``), and the run gets ``image=`` that file and the camera
 as ``data.ref_*``. With ``--image-camera`` the prompt is still passed; ``--no-prompt`` drops it
-(the prior then scores random views with its text dropped).
+(the prior then scores random views with its text dropped). A recipe whose data module takes no
+image (``configs/tiny/dreamfusion.yaml``) runs text-only beside them.
+
+Speed between recipes: ``--interleave`` runs the recipes in turn on each prompt (prompt by prompt,
+not recipe by recipe), so they see the same load on the machine; with more than one recipe the
+summary gives each one's median, over the prompts, of its wall time divided by the first recipe's
+on the same prompt.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +57,15 @@ def input_image(prompt: str, out_root: Path, camera: tuple[float, float]) -> tup
             "data.ref_camera_distance=2.0", "data.ref_fovy_deg=40.0")
 
 
+def takes_image(recipe: str) -> bool:
+    """Whether ``recipe``'s data module reads an input image (``image=`` and ``data.ref_*``)."""
+    sys.path.insert(0, str(REPO))
+    from lift3d.config import load_config
+
+    raw, _ = load_config(str(REPO / recipe), [])
+    return "image_path" in raw.get("data", {})
+
+
 def run_one(recipe: str, prompt: str, out_root: Path, steps: int | None, threads: int,
             overrides: tuple[str, ...] = (), image_camera: tuple[float, float] | None = None,
             use_prompt: bool = True) -> dict:
@@ -62,7 +78,7 @@ def run_one(recipe: str, prompt: str, out_root: Path, steps: int | None, threads
     exp_root = out_root / "runs"
     launch_args = ["--config", str(REPO / recipe), "--train", f"prompt={prompt if use_prompt else ''}",
                    f"exp_root_dir={exp_root}", "trainer.enable_progress_bar=false", "data.n_test_views=8"]
-    if image_camera is not None:
+    if image_camera is not None and takes_image(recipe):
         launch_args += list(input_image(prompt, out_root, image_camera))
         if not use_prompt:
             launch_args.append(f"tag={prompt}")
@@ -134,11 +150,17 @@ def format_table(rows: list[dict]) -> str:
         if "error" not in r:
             by_recipe.setdefault(r["recipe"], []).append(r)
     lines.append("")
+    first = next(iter(by_recipe.values()), [])
+    base_wall = {r["prompt"]: r["wall_s"] for r in first}
     for recipe, rs in by_recipe.items():
         fronts = [r["front_ok"] for r in rs if r["front_ok"] is not None]
-        lines.append(f"{recipe}: mean IoU {sum(r['iou'] for r in rs) / len(rs):.3f}, "
-                     f"median wall {sorted(r['wall_s'] for r in rs)[len(rs) // 2]:.0f} s, "
-                     f"max peak {max(r['peak_mb'] or 0 for r in rs):.0f} MB, front ok {sum(fronts)}/{len(fronts)}")
+        line = (f"{recipe}: mean IoU {sum(r['iou'] for r in rs) / len(rs):.3f}, "
+                f"median wall {statistics.median(r['wall_s'] for r in rs):.0f} s, "
+                f"max peak {max(r['peak_mb'] or 0 for r in rs):.0f} MB, front ok {sum(fronts)}/{len(fronts)}")
+        ratios = [r["wall_s"] / base_wall[r["prompt"]] for r in rs if r["prompt"] in base_wall]
+        if len(by_recipe) > 1 and rs is not first and ratios:
+            line += f", wall x first recipe {statistics.median(ratios):.2f} (median of {len(ratios)} prompts)"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -154,6 +176,8 @@ def main() -> None:
     ap.add_argument("--image-camera", default=None, metavar="ELEV,AZIM",
                     help="image-to-3D: render each object at this camera as the input image")
     ap.add_argument("--no-prompt", action="store_true", help="image-to-3D without the text prompt")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run the recipes in turn on each prompt (for speed comparisons under the same load)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides passed to every run (e.g. system.guidance.guidance_scale=10)")
     args = ap.parse_args()
@@ -163,11 +187,12 @@ def main() -> None:
     if camera is not None and len(camera) != 2:
         ap.error(f"--image-camera takes ELEV,AZIM, got {args.image_camera!r}")
     rows = []
-    for recipe in args.recipes:
-        for prompt in args.prompts or list_prompts():
-            rows.append(run_one(recipe, prompt, out, args.steps, args.threads, tuple(args.set), camera,
-                                not args.no_prompt))
-            print(format_table(rows[-1:]).splitlines()[2], flush=True)
+    prompts = args.prompts or list_prompts()
+    order = ([(r, p) for p in prompts for r in args.recipes] if args.interleave
+             else [(r, p) for r in args.recipes for p in prompts])
+    for recipe, prompt in order:
+        rows.append(run_one(recipe, prompt, out, args.steps, args.threads, tuple(args.set), camera, not args.no_prompt))
+        print(format_table(rows[-1:]).splitlines()[2], flush=True)
     table = format_table(rows)
     print("\n" + table)
     stamp = time.strftime("%Y%m%d-%H%M%S")
