@@ -60,7 +60,9 @@ def test_sds_gradient_is_weighted_guided_epsilon_from_the_first_three_channels(t
     grad_x = (1 - a) * (eps - noise)
     # loss = 0.5 ||x - sg(x - grad)||^2 / B and x = 2 rgb - 1: d loss / d rgb = 2 grad / B
     expected = (2 * grad_x / B).permute(0, 2, 3, 1)
-    torch.testing.assert_close(rgb.grad, expected, rtol=1e-4, atol=1e-6)
+    # round-off: lift3d runs both branches in one batch, this runs them one by one (up to 6e-6 seen,
+    # on gradients up to 5)
+    torch.testing.assert_close(rgb.grad, expected, rtol=1e-4, atol=5e-5)
 
 
 def test_the_working_size_is_the_unets_sample_size(tiny_if, tmp_path):

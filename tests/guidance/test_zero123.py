@@ -99,7 +99,10 @@ def test_both_layouts_load_the_same_networks_and_score_alike(tiny_zero123):
         outs.append(loss)
         grads.append(torch.autograd.grad(loss, inp.rgb)[0])
     assert outs[0] > 0 and grads[0].abs().max() > 0
-    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert torch.equal(outs[0], outs[1])
+    # The gradients agree to float32 round-off, not bit for bit: in a fresh install of 2026-12-08
+    # the two paths' backward passes differed by 1.4e-7 on gradients up to 0.16
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
 
 
 def test_the_key_map_agrees_with_diffusers_own_ldm_converter(tiny_zero123):
