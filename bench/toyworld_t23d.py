@@ -29,6 +29,7 @@ on the same prompt.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -57,9 +58,9 @@ def input_image(prompt: str, out_root: Path, camera: tuple[float, float]) -> tup
             "data.ref_camera_distance=2.0", "data.ref_fovy_deg=40.0")
 
 
+@functools.cache
 def takes_image(recipe: str) -> bool:
     """Whether ``recipe``'s data module reads an input image (``image=`` and ``data.ref_*``)."""
-    sys.path.insert(0, str(REPO))
     from lift3d.config import load_config
 
     raw, _ = load_config(str(REPO / recipe), [])
