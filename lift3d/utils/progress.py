@@ -9,7 +9,8 @@ training and at every phase change:
 "stage": str|null, "stage_index": int, "n_stages": int, "steps_per_s": float|null,
 "losses": {"loss": float, "loss_sds": float, ...}, "pid": int, "time": float}``
 
-``trained`` is written when fitting ends (finished or interrupted), ``tested`` after the
+In the ``test`` and ``tested`` records, ``losses`` are the last training losses. ``trained`` is
+written when fitting ends (finished or interrupted), ``tested`` after the
 turntable; the mesh export comes after that, outside the trainer.
 """
 
@@ -35,6 +36,7 @@ class ProgressFile(Callback):
         self._rate_ref: tuple[float, int] | None = None  # (time, step) the steps/s figure is measured from
         self._rate: float | None = None
         self._last_stage: Any = None
+        self._losses: dict[str, float | None] = {}  # the last training losses seen
 
     def _write(self, trainer: Any, pl_module: Any, phase: str) -> None:
         if not trainer.is_global_zero:
@@ -54,6 +56,11 @@ class ProgressFile(Callback):
                 except (TypeError, ValueError):
                     continue
                 losses[k[len("train/"):]] = x if math.isfinite(x) else None
+        # The test hooks see no training metrics: the record keeps the last ones (the run's final loss).
+        if losses:
+            self._losses = losses
+        else:
+            losses = dict(self._losses)
         stage = getattr(pl_module, "stage", None)
         stages = getattr(pl_module, "stages", None) or []
         record = {
