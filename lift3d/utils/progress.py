@@ -9,9 +9,9 @@ training and at every phase change:
 "stage": str|null, "stage_index": int, "n_stages": int, "steps_per_s": float|null,
 "losses": {"loss": float, "loss_sds": float, ...}, "pid": int, "time": float}``
 
-In the ``test`` and ``tested`` records, ``losses`` are the last training losses. ``trained`` is
-written when fitting ends (finished or interrupted), ``tested`` after the
-turntable; the mesh export comes after that, outside the trainer.
+``trained`` is written when fitting ends (finished or interrupted), ``tested`` after the
+turntable; the mesh export comes after that, outside the trainer. The ``test`` and ``tested``
+records carry the last training losses.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class ProgressFile(Callback):
         if losses:
             self._losses = losses
         else:
-            losses = dict(self._losses)
+            losses = self._losses
         stage = getattr(pl_module, "stage", None)
         stages = getattr(pl_module, "stages", None) or []
         record = {

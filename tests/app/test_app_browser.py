@@ -146,7 +146,7 @@ def test_prompt_to_glb_in_the_browser(server):
             # Picking a recipe fills the fields with its own values; change them after that has arrived.
             page.wait_for_function("document.querySelector('#steps input')?.value === '350'", timeout=30_000)
             # Under load a value typed into the freshly opened accordion was seen to snap back to the recipe's
-            # (the field's state not yet wired up; the run then got 350 steps): type it until it holds.
+            # (cause not found; the run then got 350 steps): type it until it holds.
             for _ in range(10):
                 page.fill("#steps input", str(STEPS))
                 page.locator("#steps input").press("Tab")
